@@ -1,0 +1,196 @@
+"""The Python API: `erase(...)` does what `fewshot-erase erase` does and returns an `EraseResult`.
+
+Order matters for the user: everything that can be checked cheaply (concept, output path, pictures, model path) is
+checked before the model is loaded, and nothing is written until the very end, into a staging folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from . import images as image_io
+from . import prompts
+from .errors import EraseWarning
+from .models import load_pipeline_parts, resolve_model
+from .record import RECORD_FORMAT, library_versions, tensors_sha256
+from .settings import EraseSettings
+from .writers.atomic import check_target, staged_folder
+from .writers.text_encoder import canonical_state, write_erase_output
+
+FINGERPRINT_DTYPES = ("float32", "float16", "bfloat16")
+
+
+class Progress:
+    """What the API reports while it works; the CLI renders it with rich. The default reports nothing."""
+
+    @contextlib.contextmanager
+    def phase(self, name: str, total: int | None = None):
+        yield lambda **info: None
+
+
+@dataclass(frozen=True)
+class EraseResult:
+    output: Path
+    record: dict
+
+    @property
+    def losses(self) -> list[float]:
+        return self.record["losses"]
+
+    @property
+    def timings(self) -> dict:
+        return self.record["timings"]
+
+    def summary(self) -> dict:
+        return {
+            "output": str(self.output),
+            "concept": self.record["concept"],
+            "model": self.record["base"]["model"],
+            "family": self.record["base"]["family"],
+            "steps": len(self.losses),
+            "loss_first": self.losses[0],
+            "loss_last": self.losses[-1],
+            "timings": self.timings,
+        }
+
+
+def fingerprints(tensors: dict) -> dict:
+    """Hashes of each original tensor as fp32, fp16 and bf16: `apply` recognises the base in whatever dtype a
+    checkpoint stores it (an fp16 file of the model erased in fp32 is the same base)."""
+    import torch
+
+    return {
+        name: {dtype: tensors_sha256({"t": tensor.detach().to(getattr(torch, dtype))}) for dtype in FINGERPRINT_DTYPES}
+        for name, tensor in tensors.items()
+    }
+
+
+def _warn_long_captions(pipeline, family, templates, concept) -> None:
+    tokenizer = pipeline.tokenizer
+    longest = max(len(tokenizer(prompts.fill(t, concept)).input_ids) for t in templates)
+    if longest > tokenizer.model_max_length:
+        warnings.warn(
+            f"captions with this concept are {longest} tokens, over CLIP's {tokenizer.model_max_length}; "
+            "the end is cut off, as at generation time. A shorter concept name erases more precisely",
+            EraseWarning, stacklevel=3,
+        )
+
+
+def erase(
+    concept: str,
+    images: Sequence[str | Path],
+    output: str | Path,
+    *,
+    model: str | None = None,
+    overwrite: bool = False,
+    config: str | None = None,
+    allow_pickle: bool = False,
+    progress: Progress | None = None,
+    **settings,
+) -> EraseResult:
+    """Erase `concept` from a Stable Diffusion model's text encoder using a few real `images` of it.
+
+    `settings` are EraseSettings fields (lr, steps, batch_size, seed, resolution, templates, style, train,
+    encoder, device, dtype, ...). Returns the result; raises BadInput or RunFailure and then writes nothing."""
+    progress = progress or Progress()
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    concept = prompts.check_concept(concept)
+    source = resolve_model(model)
+    if source.kind == "demo":
+        warnings.warn("no --model given: erasing from the embedded demo model (digits 0-9)", EraseWarning, stacklevel=2)
+    if "templates" in settings and settings["templates"] is not None:
+        settings["templates"] = prompts.check_templates(settings["templates"])
+    run_settings = EraseSettings(concept=concept, **{**_recommended(source), **settings})
+    image_paths = image_io.find_image_files(images)
+    target = check_target(Path(output), overwrite, inputs=tuple(Path(p) for p in images) + ((source.path,) if source.path else ()))
+    with progress.phase("reading images", total=len(image_paths)) as advance:
+        loaded = []
+        for path in image_paths:
+            loaded.append(image_io.load_image(path))
+            advance()
+    timings["images"] = time.perf_counter() - started
+
+    clock = time.perf_counter()
+    with progress.phase("loading model"):
+        parts = load_pipeline_parts(source, device=run_settings.device, dtype=run_settings.dtype, config=config,
+                                    allow_pickle=allow_pickle)
+    timings["load"] = time.perf_counter() - clock
+    templates = run_settings.templates or prompts.default_templates(run_settings.style)
+    run_settings = run_settings.replace(templates=tuple(templates), resolution=run_settings.resolution or parts.resolution)
+    _warn_long_captions(parts.pipeline, parts.family, templates, concept)
+
+    from . import unlearning as method
+
+    clock = time.perf_counter()
+    with progress.phase("encoding images", total=1) as advance:
+        pixels = image_io.to_pixels(loaded, run_settings.resolution, run_settings.flip)
+        latents = method.encode_images_once(parts.pipeline.vae, pixels, parts.device, parts.dtype)
+        advance()
+    timings["encode"] = time.perf_counter() - clock
+
+    base = {name: canonical_state(parts.text_encoder(name)) for name in parts.family.encoders}
+    steps = run_settings.step_count(len(loaded))
+    clock = time.perf_counter()
+    with progress.phase("erasing", total=steps) as advance:
+        result = method.run(parts, latents, len(loaded), run_settings, tuple(templates),
+                            on_step=lambda step, loss: advance(loss=loss))
+    timings["train"] = time.perf_counter() - clock
+
+    record = {
+        "format": RECORD_FORMAT,
+        "concept": concept,
+        "style": run_settings.style,
+        "images": [{"name": item.path.name, "sha256": item.sha256} for item in loaded],
+        "images_paths": [str(item.path) for item in loaded],
+        "base": {
+            "model": source.reference,
+            "kind": source.kind,
+            "family": parts.family.name,
+            "text_encoders": {name: {"sha256": tensors_sha256(state)} for name, state in base.items()},
+        },
+        "base_fingerprints": {
+            name: fingerprints({key: base[name][key] for key in group}) for name, group in result.trained.items()
+        },
+        "trained_tensors": {name: sorted(group) for name, group in result.trained.items()},
+        "settings": run_settings.to_record(),
+        "steps": steps,
+        "losses": result.losses,
+        "device": str(parts.device),
+        "dtype": str(parts.dtype).replace("torch.", ""),
+        "versions": library_versions(),
+    }
+    clock = time.perf_counter()
+    with progress.phase("saving", total=1) as advance:
+        with staged_folder(target, overwrite) as staging:
+            timings["save"] = 0.0
+            record["timings"] = timings
+            record["output"] = str(target)
+            write_erase_output(staging, parts.pipeline, parts.family, record)
+            advance()
+    timings["save"] = time.perf_counter() - clock
+    timings["total"] = time.perf_counter() - started
+    _rewrite_timings(target, record)
+    return EraseResult(output=target, record=record)
+
+
+def _recommended(source) -> dict:
+    """Erase settings a model ships with (the demo: its own captions and a learning rate that moves a small
+    encoder); applied only where the caller did not choose. Lists in JSON become tuples here."""
+    return {key: tuple(value) if isinstance(value, list) else value for key, value in source.recommended.items()}
+
+
+def _rewrite_timings(target: Path, record: dict) -> None:
+    """erase.json gets the final save and total times once the folder is in place (a small file, atomically)."""
+    import json
+    import os
+
+    path = target / "erase.json"
+    staging = path.with_name(".erase.json.partial")
+    staging.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    os.replace(staging, path)

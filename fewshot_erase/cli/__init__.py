@@ -1,0 +1,23 @@
+"""The `fewshot-erase` command line: parses, calls the API, renders with rich. No method logic lives here, and
+nothing heavy is imported until a command runs, so `--help` and usage errors answer at once."""
+
+from __future__ import annotations
+
+import click
+
+from .. import __version__
+from .erase import erase_command
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="fewshot-erase")
+def main():
+    """Erase a concept from a Stable Diffusion model with a few real images of it.
+
+    Updates only the feed-forward layers of the CLIP text encoder (Fuchi & Takagi, BMVC 2024) and writes a patched
+    text encoder any SD pipeline can load. Exit codes: 0 done, 2 bad usage or bad input, 1 failure while running,
+    130 interrupted.
+    """
+
+
+main.add_command(erase_command)

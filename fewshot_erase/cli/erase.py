@@ -1,0 +1,53 @@
+"""`fewshot-erase erase CONCEPT IMAGE_OR_DIR... -o OUT`"""
+
+from __future__ import annotations
+
+import click
+
+from ..settings import ENCODER_CHOICES, TRAIN_CHOICES
+from .render import handled, print_json, rich_progress
+
+
+@click.command("erase")
+@click.argument("concept")
+@click.argument("images", nargs=-1, required=True, metavar="IMAGE_OR_DIR...")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Folder to write the patched text encoder to.")
+@click.option("--model", help="Diffusers folder, Hub id or .safetensors checkpoint. Default: the embedded demo model.")
+@click.option("--style", is_flag=True, help="The concept is a style: use the style caption templates.")
+@click.option("--template", "templates", multiple=True, help="Caption template with {} for the concept (repeatable).")
+@click.option("--seed", type=int, help="Random seed (default 0); the same seed gives the same weights on CPU.")
+@click.option("--steps", type=int, help="Training steps (default: --epochs over the images).")
+@click.option("--epochs", type=int, help="Passes over the images (default 4).")
+@click.option("--lr", type=float, help="Adam learning rate (default 1e-5 for SD).")
+@click.option("--batch-size", type=int, help="Images per step (default 2).")
+@click.option("--resolution", type=int, help="Training resolution in pixels (default: the model's).")
+@click.option("--train", type=click.Choice(TRAIN_CHOICES), help="Which weights to train (default ffn).")
+@click.option("--encoder", type=click.Choice(ENCODER_CHOICES), help="SDXL: which text encoder(s) to erase in (default both).")
+@click.option("--no-flip", is_flag=True, help="Do not add mirrored copies of the images.")
+@click.option("--device", help="cpu, cuda, cuda:N (default: cuda if available).")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), help="Dtype of the frozen UNet and VAE.")
+@click.option("--config", type=click.Path(), help="Single-file checkpoints: a folder of diffusers configs for a non-standard architecture.")
+@click.option("--allow-pickle", is_flag=True, help="Accept .ckpt/.pt/.bin checkpoints (loaded with weights_only=True).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder (atomically).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout and nothing else there.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress, no summary; errors only.")
+def erase_command(concept, images, output, model, style, templates, seed, steps, epochs, lr, batch_size, resolution,
+                  train, encoder, no_flip, device, dtype, config, allow_pickle, overwrite, as_json, quiet):
+    """Erase CONCEPT using a few real images of it (files or folders)."""
+    chosen = {
+        "style": style or None, "templates": tuple(templates) or None, "seed": seed, "steps": steps, "epochs": epochs,
+        "lr": lr, "batch_size": batch_size, "resolution": resolution, "train": train, "encoder": encoder,
+        "flip": False if no_flip else None, "device": device, "dtype": dtype,
+    }
+    with handled(quiet):
+        from ..api import erase
+
+        result = erase(concept, images, output, model=model, overwrite=overwrite, config=config,
+                       allow_pickle=allow_pickle, progress=rich_progress(quiet),
+                       **{key: value for key, value in chosen.items() if value is not None})
+    if as_json:
+        print_json(result.summary())
+    elif not quiet:
+        s = result.summary()
+        click.echo(f"erased {s['concept']!r} from {s['model']} in {s['steps']} steps "
+                   f"(loss {s['loss_first']:.4f} -> {s['loss_last']:.4f}, {s['timings']['total']:.1f} s): {s['output']}")

@@ -1,0 +1,85 @@
+"""What every command shares: rich progress on stderr, warnings as one line each, and the one place where the
+tool's exceptions become exit codes."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import warnings
+
+import click
+from rich.console import Console
+
+from ..errors import EraseError
+
+INTERRUPTED = 130
+stderr = Console(stderr=True, highlight=False)
+
+
+def rich_progress(quiet: bool):
+    """The API's Progress, drawn with rich: a spinner while a phase has no length, a bar per phase otherwise."""
+    from ..api import Progress
+
+    if quiet:
+        return Progress()
+
+    class RichProgress(Progress):
+        @contextlib.contextmanager
+        def phase(self, name, total=None):
+            from rich.progress import BarColumn, MofNCompleteColumn, SpinnerColumn, TextColumn, TimeElapsedColumn
+            from rich.progress import Progress as Bars
+
+            columns = [SpinnerColumn(), TextColumn("{task.description}")]
+            if total is not None:
+                columns += [BarColumn(), MofNCompleteColumn()]
+            columns += [TextColumn("{task.fields[info]}"), TimeElapsedColumn()]
+            with Bars(*columns, console=stderr, transient=False) as bar:
+                task = bar.add_task(name, total=total, info="")
+
+                def advance(**info):
+                    text = "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in info.items())
+                    bar.update(task, advance=1, info=text)
+
+                yield advance
+                if total is None:
+                    bar.update(task, total=1, completed=1)
+
+    return RichProgress()
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    stderr.print(f"[yellow]warning:[/] {message}", soft_wrap=True)
+
+
+@contextlib.contextmanager
+def handled(quiet: bool = False):
+    """Run a command body: the tool's errors become one line and their exit code; Ctrl-C becomes 130."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from ..errors import EraseWarning
+
+        warnings.simplefilter("default" if not quiet else "ignore", EraseWarning)
+        warnings.showwarning = _show_warning
+        try:
+            yield
+        except EraseError as error:
+            stderr.print(f"[red]error:[/] {error}", soft_wrap=True)
+            sys.exit(error.exit_code)
+        except KeyboardInterrupt:
+            stderr.print("[red]interrupted:[/] stopped; nothing was written", soft_wrap=True)
+            sys.exit(INTERRUPTED)
+        except (click.exceptions.Exit, click.ClickException, SystemExit):
+            raise
+        except Exception as error:  # a bug or an environment fault: one line, unless asked for the traceback
+            if os.environ.get("FEWSHOT_ERASE_DEBUG"):
+                raise
+            first = str(error).splitlines()[0][:300] if str(error) else ""
+            stderr.print(f"[red]error:[/] unexpected {type(error).__name__}: {first} "
+                         "(set FEWSHOT_ERASE_DEBUG=1 for the traceback and report it)", soft_wrap=True)
+            sys.exit(1)
+
+
+def print_json(data: dict) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True))

@@ -1,0 +1,239 @@
+"""Finding and loading the Stable Diffusion pipeline to erase from: the embedded demo, a diffusers folder, a Hub id
+(cached the way diffusers does; HF_HUB_OFFLINE honoured) or a single-file checkpoint.
+
+Only the parts erasing needs are loaded: no safety checker, no feature extractor.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import families, safetensors_file
+from .errors import BadInput, RunFailure
+
+PACKAGE = Path(__file__).resolve().parent
+DEMO_DIR = PACKAGE / "demo"
+CONFIGS_DIR = PACKAGE / "configs"
+TOKENIZER_DIR = PACKAGE / "tokenizer"
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: str  # "demo" | "folder" | "hub" | "single-file" | "pickle"
+    reference: str  # what the user gave (or "demo")
+    path: Path | None  # the local folder or file, once known
+    recommended: dict = field(default_factory=dict)  # erase settings the model ships with (the demo does)
+
+    @property
+    def description(self) -> str:
+        return "the embedded demo model" if self.kind == "demo" else self.reference
+
+
+def demo_metadata() -> dict:
+    return json.loads((DEMO_DIR / "demo.json").read_text())
+
+
+def resolve_model(model: str | None) -> ModelSource:
+    """What the user's --model names, checked before anything heavy is imported."""
+    if model is None:
+        if not (DEMO_DIR / "model_index.json").is_file():
+            raise RunFailure(f"the embedded demo model is missing from {DEMO_DIR}; reinstall fewshot-erase or pass --model")
+        return ModelSource("demo", "demo", DEMO_DIR, demo_metadata().get("erase_settings", {}))
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise BadInput(f"{path} is not a diffusers pipeline folder (no model_index.json); pass a pipeline folder, a Hub id or a .safetensors checkpoint")
+        return ModelSource("folder", model, path)
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix == ".safetensors":
+            return ModelSource("single-file", model, path)
+        if suffix in PICKLE_SUFFIXES:
+            return ModelSource("pickle", model, path)
+        raise BadInput(f"{path} is not a model this tool reads; pass a diffusers folder, a Hub id or a .safetensors checkpoint")
+    if HUB_ID.match(model) and not model.startswith("."):
+        return ModelSource("hub", model, None)
+    raise BadInput(f"model {model!r} does not exist; pass a diffusers folder, a .safetensors file or a Hub id like org/name")
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise BadInput(f"{what} {path} cannot be read ({error}); the pipeline folder is damaged") from None
+
+
+def family_of_folder(path: Path, where: str) -> families.Family:
+    model_index = _read_json(path / "model_index.json", "model index")
+    text_encoder = _read_json(path / "text_encoder" / "config.json", "text encoder config") or None
+    return families.family_from_configs(model_index, text_encoder, where)
+
+
+def download_from_hub(repo_id: str) -> Path:
+    """The Hub snapshot's local folder, through diffusers' own download (which honours HF_HUB_OFFLINE and the cache)."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        return Path(DiffusionPipeline.download(repo_id))
+    except Exception as error:  # huggingface_hub raises many types here; all mean the same to the user
+        import huggingface_hub.constants as hub
+
+        if hub.HF_HUB_OFFLINE:
+            raise BadInput(f"model {repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; download it once online or pass a local folder") from None
+        raise BadInput(f"cannot fetch model {repo_id!r} from the Hugging Face Hub ({type(error).__name__}); check the id and your network") from None
+
+
+@dataclass
+class PipelineParts:
+    """The loaded pipeline and what the erase needs to know about it."""
+
+    pipeline: object
+    family: families.Family
+    source: ModelSource
+    device: object
+    dtype: object
+
+    @property
+    def resolution(self) -> int:
+        return int(self.pipeline.unet.config.sample_size) * int(self.pipeline.vae_scale_factor)
+
+    def text_encoder(self, name: str):
+        return getattr(self.pipeline, name)
+
+
+def resolve_device(device: str):
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise BadInput(f"unknown --device {device!r}; use cpu, cuda, cuda:N or auto") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise BadInput(f"--device {device} asked for, but no CUDA GPU is visible; use --device cpu")
+    if resolved.type not in ("cpu", "cuda", "mps"):
+        raise BadInput(f"unsupported --device {device!r}; use cpu, cuda, cuda:N or auto")
+    return resolved
+
+
+def resolve_dtype(dtype: str, device):
+    """Frozen UNet and VAE in half precision on a GPU; the CPU computes in fp32 (and stays deterministic)."""
+    import torch
+
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return getattr(torch, dtype)
+
+
+def _quiet_libraries() -> None:
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def load_tokenizer(pad_token: str | None = None):
+    from transformers import CLIPTokenizer
+
+    extra = {"pad_token": pad_token} if pad_token else {}
+    return CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR), **extra)
+
+
+def _pipeline_class(family: families.Family):
+    import diffusers
+
+    return getattr(diffusers, family.pipeline_class)
+
+
+def _load_folder(path: Path, family: families.Family, dtype):
+    cls = _pipeline_class(family)
+    extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False} if family is not families.SDXL else {}
+    return cls.from_pretrained(str(path), torch_dtype=dtype, **extra)
+
+
+def single_file_family(path: Path) -> families.Family:
+    header = safetensors_file.read_header(path)
+    return families.family_from_keys(safetensors_file.tensor_names(header), str(path))
+
+
+def _load_single_file(path: Path, family: families.Family, config: Path | None, dtype):
+    """diffusers' `from_single_file` would fetch the family's configs from the Hub; hand it the packaged ones
+    (or the user's --config for a non-standard architecture) and the packaged tokenizer instead."""
+    config_dir = Path(config) if config else CONFIGS_DIR / family.name
+    if not (config_dir / "model_index.json").is_file():
+        raise BadInput(f"config folder {config_dir} has no model_index.json; pass a folder laid out like a diffusers pipeline (configs only)")
+    # SD 2.x and SDXL's second encoder use OpenCLIP's tokenizer, which pads with "!" rather than the end token.
+    tokenizers = {"tokenizer": load_tokenizer("!" if family is families.SD2 else None)}
+    if family is families.SDXL:
+        tokenizers["tokenizer_2"] = load_tokenizer("!")
+    extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False} if family is not families.SDXL else {}
+    cls = _pipeline_class(family)
+    try:
+        return cls.from_single_file(str(path), config=str(config_dir), local_files_only=True, torch_dtype=dtype, **tokenizers, **extra)
+    except (RuntimeError, ValueError, KeyError) as error:
+        if "size mismatch" in str(error) or "shape" in str(error):
+            raise BadInput(f"{path}: tensor shapes do not match the {family.label} architecture; pass --config with the model's own configs") from None
+        raise BadInput(f"{path} could not be read as a {family.label} checkpoint ({str(error).splitlines()[0][:200]}); check the file") from None
+
+
+def _pickle_to_safetensors(path: Path, workdir: Path) -> Path:
+    """Pickle checkpoints run code when unpickled; `weights_only=True` refuses anything but tensors and containers."""
+    import pickle
+
+    import torch
+    from safetensors.torch import save_file
+
+    try:
+        loaded = torch.load(str(path), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as error:
+        raise BadInput(f"{path} is not a plain-tensor pickle checkpoint ({str(error).splitlines()[0][:160]}); it was not loaded. Use a .safetensors file") from None
+    state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BadInput(f"{path} holds no state dict of tensors; use a .safetensors checkpoint")
+    target = workdir / (path.stem + ".safetensors")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(target))
+    return target
+
+
+def load_pipeline_parts(source: ModelSource, *, device: str = "auto", dtype: str = "auto", config: str | None = None,
+                        allow_pickle: bool = False) -> PipelineParts:
+    import torch
+
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    if source.kind == "pickle" and not allow_pickle:
+        raise BadInput(f"{source.path} is a pickle checkpoint, which can run code when loaded; convert it to .safetensors or pass --allow-pickle")
+    _quiet_libraries()
+    with tempfile.TemporaryDirectory(prefix="fewshot-erase-") as workdir:
+        if source.kind in ("demo", "folder"):
+            family = family_of_folder(source.path, source.description)
+            pipeline = _load_folder(source.path, family, torch_dtype)
+        elif source.kind == "hub":
+            path = download_from_hub(source.reference)
+            family = family_of_folder(path, source.reference)
+            source = ModelSource("hub", source.reference, path)
+            pipeline = _load_folder(path, family, torch_dtype)
+        else:
+            path = _pickle_to_safetensors(source.path, Path(workdir)) if source.kind == "pickle" else source.path
+            family = single_file_family(path)
+            pipeline = _load_single_file(path, family, config, torch_dtype)
+    pipeline.set_progress_bar_config(disable=True)
+    # Trainable weights stay in fp32 whatever the frozen parts compute in.
+    for name in family.encoders:
+        getattr(pipeline, name).to(dtype=torch.float32)
+    pipeline.to(torch_device)
+    return PipelineParts(pipeline=pipeline, family=family, source=source, device=torch_device, dtype=torch_dtype)

@@ -1,0 +1,68 @@
+"""The frozen record of one erase run: every hyperparameter, passed down and written out as-is to erase.json."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+from .errors import BadInput
+
+TRAIN_CHOICES = ("ffn", "ffn+last-attn", "all")
+ENCODER_CHOICES = ("1", "2", "both")
+
+
+@dataclass(frozen=True)
+class EraseSettings:
+    """Defaults are the published method's (Fuchi & Takagi, BMVC 2024) for Stable Diffusion."""
+
+    concept: str
+    style: bool = False
+    # None: the object or style template list (prompts.py), or the model's own (the demo ships its captions).
+    templates: Optional[tuple[str, ...]] = None
+    lr: float = 1e-5
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    weight_decay: float = 1e-8
+    batch_size: int = 2
+    epochs: int = 4
+    # None: epochs over the images, ceil(images / batch_size) steps each.
+    steps: Optional[int] = None
+    # None: the model's own resolution (the UNet's sample size times the VAE factor).
+    resolution: Optional[int] = None
+    seed: int = 0
+    flip: bool = True
+    train: str = "ffn"
+    encoder: str = "both"
+    device: str = "auto"
+    dtype: str = "auto"
+
+    def __post_init__(self):
+        checks = [
+            (self.lr > 0, f"--lr must be positive, got {self.lr}"),
+            (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
+            (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
+            (self.steps is None or self.steps >= 1, f"--steps must be at least 1, got {self.steps}"),
+            (self.resolution is None or self.resolution >= 8, f"--resolution must be at least 8, got {self.resolution}"),
+            (self.train in TRAIN_CHOICES, f"--train must be one of {', '.join(TRAIN_CHOICES)}, got {self.train!r}"),
+            (self.encoder in ENCODER_CHOICES, f"--encoder must be one of 1, 2, both, got {self.encoder!r}"),
+            (self.dtype in ("auto", "float32", "float16", "bfloat16"),
+             f"--dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise BadInput(message)
+
+    def step_count(self, image_count: int) -> int:
+        if self.steps is not None:
+            return self.steps
+        return -(-image_count // self.batch_size) * self.epochs
+
+    def replace(self, **changes) -> "EraseSettings":
+        return dataclasses.replace(self, **changes)
+
+    def to_record(self) -> dict:
+        record = dataclasses.asdict(self)
+        record["betas"] = list(self.betas)
+        record["templates"] = list(self.templates) if self.templates is not None else None
+        return record

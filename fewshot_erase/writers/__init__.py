@@ -1,0 +1,1 @@
+"""One module per output format; each writes into a staging path that `atomic` moves into place whole."""
