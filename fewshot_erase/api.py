@@ -161,6 +161,7 @@ def erase(
         "settings": run_settings.to_record(),
         "steps": steps,
         "losses": result.losses,
+        "retain_losses": result.retain_losses,
         "device": str(parts.device),
         "dtype": str(parts.dtype).replace("torch.", ""),
         "versions": library_versions(),

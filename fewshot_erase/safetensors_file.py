@@ -67,3 +67,31 @@ def tensor_names(header: dict) -> list[str]:
 
 def metadata(header: dict) -> dict:
     return dict(header.get("__metadata__") or {})
+
+
+TORCH_DTYPES = {  # torch dtype name -> safetensors dtype code
+    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32",
+    "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
+}
+
+
+def write(path: Path, tensors: dict, metadata: dict[str, str]) -> None:
+    """A safetensors file whose bytes depend only on the tensors and metadata given: the library's own writer
+    orders metadata keys by hash, so two identical runs would otherwise differ in their header."""
+    import torch
+
+    entries, blobs, offset = {}, [], 0
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        data = tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+        code = TORCH_DTYPES[str(tensor.dtype).replace("torch.", "")]
+        entries[name] = {"dtype": code, "shape": list(tensor.shape), "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    header = json.dumps({"__metadata__": dict(sorted(metadata.items())), **entries}, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the format pads the header so tensor data starts 8-byte aligned
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(header)))
+        handle.write(header)
+        for data in blobs:
+            handle.write(data)

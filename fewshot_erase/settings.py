@@ -36,6 +36,10 @@ class EraseSettings:
     encoder: str = "both"
     device: str = "auto"
     dtype: str = "auto"
+    # Preservation: other concepts whose conditioning must not drift (filled into the same templates).
+    preserve: tuple[str, ...] = ()
+    preserve_weight: float = 0.0
+    preserve_batch: int = 8
 
     def __post_init__(self):
         checks = [
@@ -46,6 +50,8 @@ class EraseSettings:
             (self.resolution is None or self.resolution >= 8, f"--resolution must be at least 8, got {self.resolution}"),
             (self.train in TRAIN_CHOICES, f"--train must be one of {', '.join(TRAIN_CHOICES)}, got {self.train!r}"),
             (self.encoder in ENCODER_CHOICES, f"--encoder must be one of 1, 2, both, got {self.encoder!r}"),
+            (self.preserve_weight >= 0, f"--preserve-weight must be zero or positive, got {self.preserve_weight}"),
+            (self.preserve_batch >= 1, f"the preserve batch must be at least 1, got {self.preserve_batch}"),
             (self.dtype in ("auto", "float32", "float16", "bfloat16"),
              f"--dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}"),
         ]
@@ -65,4 +71,5 @@ class EraseSettings:
         record = dataclasses.asdict(self)
         record["betas"] = list(self.betas)
         record["templates"] = list(self.templates) if self.templates is not None else None
+        record["preserve"] = list(self.preserve)
         return record

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from . import keys
 from .errors import RunFailure
 from .families import SDXL
-from .prompts import sample_captions
+from .prompts import fill, sample_captions
 from .settings import EraseSettings
 
 
@@ -102,9 +102,31 @@ def denoising_loss(unet, scheduler, latents, cond, generator) -> torch.Tensor:
     return F.mse_loss(prediction.float(), target.float())
 
 
+PRESERVE_POOL = 64  # preserve captions drawn once per run; their original conditioning is computed once
+
+
+def conditioning_tensors(cond: dict) -> list[torch.Tensor]:
+    """What the retain term compares: the token embeddings, and SDXL's pooled embedding."""
+    added = cond.get("added_cond_kwargs") or {}
+    return [cond["encoder_hidden_states"]] + ([added["text_embeds"]] if "text_embeds" in added else [])
+
+
+def preserve_pool(settings: EraseSettings, templates, rng: random.Random) -> list[str]:
+    """Captions of the concepts to keep, in the erase's own templates, at most PRESERVE_POOL of them."""
+    pool = [fill(template, other) for other in settings.preserve for template in templates]
+    return rng.sample(pool, min(len(pool), PRESERVE_POOL))
+
+
+def retain_loss(pipeline, family, captions, originals, resolution, dtype) -> torch.Tensor:
+    """How far the patched encoder's conditioning for the preserve captions has moved from the original's."""
+    current = conditioning_tensors(conditioning(pipeline, family, captions, resolution, dtype))
+    return sum(F.mse_loss(new.float(), old.float()) for new, old in zip(current, originals))
+
+
 @dataclass
 class LoopResult:
     losses: list[float]
+    retain_losses: list[float]
     trained: dict[str, dict[str, torch.nn.Parameter]]  # encoder -> canonical name -> parameter
 
 
@@ -143,17 +165,29 @@ def run(parts, latents: torch.Tensor, image_count: int, settings: EraseSettings,
     scheduler = training_scheduler(pipeline)
     generator = torch.Generator().manual_seed(settings.seed)
     captions_rng = random.Random(settings.seed)
-    losses = []
+    losses, retains = [], []
     steps = settings.step_count(image_count)
+    keep = preserve_pool(settings, templates, captions_rng) if settings.preserve_weight > 0 else []
+    if keep:
+        with torch.no_grad():
+            originals = [conditioning_tensors(conditioning(pipeline, family, [caption], resolution, parts.dtype))
+                         for caption in keep]
     for step, picked in enumerate(batches(image_count, settings.batch_size, steps, settings.flip, generator)):
         captions = sample_captions(templates, settings.concept, len(picked), captions_rng)
         cond = conditioning(pipeline, family, captions, resolution, parts.dtype)
         loss = denoising_loss(pipeline.unet, scheduler, latents[picked], cond, generator)
         if not torch.isfinite(loss):
             raise RunFailure(f"the loss became {loss.item()} at step {step + 1}; lower --lr (now {settings.lr}) or use --dtype float32")
+        objective = -loss  # gradient ASCENT on the denoising loss
+        if keep:
+            chosen = captions_rng.sample(range(len(keep)), min(settings.preserve_batch, len(keep)))
+            reference = [torch.cat([originals[i][k] for i in chosen]) for k in range(len(originals[0]))]
+            retain = retain_loss(pipeline, family, [keep[i] for i in chosen], reference, resolution, parts.dtype)
+            objective = objective + settings.preserve_weight * retain
+            retains.append(retain.item())
         optimizer.zero_grad(set_to_none=True)
-        (-loss).backward()  # gradient ASCENT on the denoising loss
+        objective.backward()
         optimizer.step()
         losses.append(loss.item())
         on_step(step, loss.item())
-    return LoopResult(losses=losses, trained=trained)
+    return LoopResult(losses=losses, retain_losses=retains, trained=trained)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .. import keys
+from .. import keys, safetensors_file
 from ..record import stable_part
 
 WEIGHTS_NAME = "model.safetensors"
@@ -24,12 +24,10 @@ def canonical_state(text_encoder) -> dict:
 
 
 def write_text_encoder(folder: Path, text_encoder, record: dict) -> None:
-    from safetensors.torch import save_file
-
     folder.mkdir(parents=True, exist_ok=True)
     text_encoder.config.to_json_file(str(folder / "config.json"))
     metadata = {"format": "pt", METADATA_KEY: json.dumps(stable_part(record), sort_keys=True)}
-    save_file(canonical_state(text_encoder), str(folder / WEIGHTS_NAME), metadata=metadata)
+    safetensors_file.write(folder / WEIGHTS_NAME, canonical_state(text_encoder), metadata)
 
 
 def write_erase_output(staging: Path, pipeline, family, record: dict) -> None:
