@@ -70,6 +70,22 @@ def fingerprints(tensors: dict) -> dict:
     }
 
 
+def base_identity(parts, settings: EraseSettings) -> tuple[dict, dict]:
+    """Before training changes them in place: each encoder's hash, and fingerprints of the tensors it will train."""
+    from .keys import is_trained
+    from .unlearning import trained_encoders
+
+    hashes, prints = {}, {}
+    for name in parts.family.encoders:
+        encoder = parts.text_encoder(name)
+        state = canonical_state(encoder)
+        hashes[name] = {"sha256": tensors_sha256(state)}
+        if name in trained_encoders(parts.family, settings.encoder):
+            layers = encoder.config.num_hidden_layers
+            prints[name] = fingerprints({key: t for key, t in state.items() if is_trained(key, settings.train, layers)})
+    return hashes, prints
+
+
 def _warn_long_captions(pipeline, family, templates, concept) -> None:
     tokenizer = pipeline.tokenizer
     longest = max(len(tokenizer(prompts.fill(t, concept)).input_ids) for t in templates)
@@ -134,7 +150,7 @@ def erase(
         advance()
     timings["encode"] = time.perf_counter() - clock
 
-    base = {name: canonical_state(parts.text_encoder(name)) for name in parts.family.encoders}
+    base_hashes, base_fingerprints = base_identity(parts, run_settings)
     steps = run_settings.step_count(len(loaded))
     clock = time.perf_counter()
     with progress.phase("erasing", total=steps) as advance:
@@ -152,11 +168,9 @@ def erase(
             "model": source.reference,
             "kind": source.kind,
             "family": parts.family.name,
-            "text_encoders": {name: {"sha256": tensors_sha256(state)} for name, state in base.items()},
+            "text_encoders": base_hashes,
         },
-        "base_fingerprints": {
-            name: fingerprints({key: base[name][key] for key in group}) for name, group in result.trained.items()
-        },
+        "base_fingerprints": base_fingerprints,
         "trained_tensors": {name: sorted(group) for name, group in result.trained.items()},
         "settings": run_settings.to_record(),
         "steps": steps,

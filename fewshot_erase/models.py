@@ -29,6 +29,7 @@ class ModelSource:
     reference: str  # what the user gave (or "demo")
     path: Path | None  # the local folder or file, once known
     recommended: dict = field(default_factory=dict)  # erase settings the model ships with (the demo does)
+    generation: dict = field(default_factory=dict)  # guidance scale and steps it was measured to generate well at
 
     @property
     def description(self) -> str:
@@ -44,7 +45,9 @@ def resolve_model(model: str | None) -> ModelSource:
     if model is None:
         if not (DEMO_DIR / "model_index.json").is_file():
             raise RunFailure(f"the embedded demo model is missing from {DEMO_DIR}; reinstall fewshot-erase or pass --model")
-        return ModelSource("demo", "demo", DEMO_DIR, demo_metadata().get("erase_settings", {}))
+        shipped = demo_metadata()
+        generation = {key: shipped[key] for key in ("guidance_scale", "num_inference_steps") if key in shipped}
+        return ModelSource("demo", "demo", DEMO_DIR, shipped.get("erase_settings", {}), generation)
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "model_index.json").is_file():

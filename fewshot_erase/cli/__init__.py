@@ -6,6 +6,7 @@ from __future__ import annotations
 import click
 
 from .. import __version__
+from .compare import compare_command
 from .erase import erase_command
 
 
@@ -21,3 +22,4 @@ def main():
 
 
 main.add_command(erase_command)
+main.add_command(compare_command)

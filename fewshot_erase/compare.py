@@ -1,0 +1,84 @@
+"""`compare`: the same prompts and seeds through the base and the erased text encoder, side by side in one grid."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import BadInput
+from .models import load_pipeline_parts, resolve_model
+from .outputs import check_same_base, load_erased_encoders, read_record
+from .writers.atomic import check_target, staged_file
+
+SD_GUIDANCE, SD_STEPS = 7.5, 30
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    guidance_scale: float
+    steps: int
+
+
+def generation_settings(source, guidance_scale: float | None, steps: int | None) -> GenerationSettings:
+    """The demo ships the guidance scale measured for it (SD's 7.5 over-guides a small model into noise)."""
+    shipped = source.generation if source.kind == "demo" else {}
+    return GenerationSettings(
+        guidance_scale=guidance_scale if guidance_scale is not None else shipped.get("guidance_scale", SD_GUIDANCE),
+        steps=steps if steps is not None else shipped.get("num_inference_steps", SD_STEPS),
+    )
+
+
+def generate(pipe, prompt: str, seeds: list[int], settings: GenerationSettings, device) -> list:
+    import torch
+
+    generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
+    return pipe(prompt=[prompt] * len(seeds), generator=generators, guidance_scale=settings.guidance_scale,
+                num_inference_steps=settings.steps, output_type="pil").images
+
+
+def grid(rows: list[tuple[str, list]], cell: int) -> object:
+    """One labelled row per (label, images); images scaled (nearest) so small models stay visible."""
+    from PIL import Image, ImageDraw
+
+    label_width, pad = 260, 4
+    columns = max(len(images) for _, images in rows)
+    sheet = Image.new("RGB", (label_width + columns * (cell + pad) + pad, len(rows) * (cell + pad) + pad), "white")
+    draw = ImageDraw.Draw(sheet)
+    for row, (label, images) in enumerate(rows):
+        top = pad + row * (cell + pad)
+        draw.text((pad, top + cell // 2 - 6), label, fill="black")
+        for column, image in enumerate(images):
+            scaled = image.resize((cell, cell), Image.Resampling.NEAREST)
+            sheet.paste(scaled, (label_width + pad + column * (cell + pad), top))
+    return sheet
+
+
+def compare(output: str | Path, prompts: list[str], grid_path: str | Path, *, model: str | None = None,
+            seeds: int = 4, guidance_scale: float | None = None, steps: int | None = None, cell: int = 128,
+            overwrite: bool = False, device: str = "auto", config: str | None = None, progress=None):
+    from .api import Progress
+
+    progress = progress or Progress()
+    if not prompts:
+        raise BadInput("no --prompt given; pass at least one prompt to compare")
+    if seeds < 1:
+        raise BadInput(f"--seeds must be at least 1, got {seeds}")
+    record = read_record(Path(output))
+    target = check_target(Path(grid_path), overwrite, inputs=(Path(output),))
+    source = resolve_model(model if model is not None else (None if record["base"]["kind"] == "demo" else record["base"]["model"]))
+    with progress.phase("loading model"):
+        parts = load_pipeline_parts(source, device=device, config=config)
+        check_same_base(record, parts)
+        base = parts.pipeline
+        erased = type(base)(**{**base.components, **load_erased_encoders(Path(output), parts)})
+        erased.set_progress_bar_config(disable=True)
+    settings = generation_settings(source, guidance_scale, steps)
+    rows = []
+    with progress.phase("generating", total=2 * len(prompts)) as advance:
+        for prompt in prompts:
+            for label, pipe in (("base", base), ("erased", erased)):
+                rows.append((f"{label}: {prompt}"[:40], generate(pipe, prompt, list(range(seeds)), settings, parts.device)))
+                advance()
+    with staged_file(target, overwrite) as staging:
+        grid(rows, cell).save(staging, format="PNG")
+    return target
