@@ -6,6 +6,9 @@ import os
 # No test may reach the network; set before huggingface_hub reads its constants.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# Tiny models gain nothing from a second thread, and on a shared 2-core machine a busy core makes two torch threads
+# spin-wait 30-60x slower; subprocesses inherit this too.
+os.environ["OMP_NUM_THREADS"] = "1"
 
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -16,6 +19,9 @@ from PIL import Image  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 import tiny_pipelines  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 
 class TinyModel:
