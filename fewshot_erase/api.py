@@ -15,6 +15,7 @@ from typing import Iterable, Sequence
 
 from . import images as image_io
 from . import prompts
+from .concepts import COMMON_CONCEPTS, ConceptSpec, automatic_preserve, check_specs, nearest
 from .errors import EraseWarning
 from .models import load_pipeline_parts, resolve_model
 from .record import RECORD_FORMAT, library_versions, tensors_sha256
@@ -23,6 +24,7 @@ from .writers.atomic import check_target, staged_folder
 from .writers.text_encoder import canonical_state, write_erase_output
 
 FINGERPRINT_DTYPES = ("float32", "float16", "bfloat16")
+PRESERVE_NEIGHBOURS = 12
 
 
 class Progress:
@@ -30,7 +32,7 @@ class Progress:
 
     @contextlib.contextmanager
     def phase(self, name: str, total: int | None = None):
-        yield lambda **info: None
+        yield lambda count=1, **info: None
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,7 @@ def base_identity(parts, settings: EraseSettings) -> tuple[dict, dict]:
     return hashes, prints
 
 
-def _warn_long_captions(pipeline, family, templates, concept) -> None:
+def _warn_long_captions(pipeline, templates, concept) -> None:
     tokenizer = pipeline.tokenizer
     longest = max(len(tokenizer(prompts.fill(t, concept)).input_ids) for t in templates)
     if longest > tokenizer.model_max_length:
@@ -97,39 +99,49 @@ def _warn_long_captions(pipeline, family, templates, concept) -> None:
         )
 
 
-def erase(
-    concept: str,
-    images: Sequence[str | Path],
+def erase(concept: str, images: Sequence[str | Path], output: str | Path, *, anchor: str | None = None,
+          **options) -> EraseResult:
+    """Erase `concept` from a Stable Diffusion model's text encoder using a few real `images` of it.
+
+    `options` are `erase_concepts`'s keywords and EraseSettings fields (lr, steps, batch_size, seed, resolution,
+    templates, style, train, encoder, device, dtype, preserve, preserve_weight, until, ...)."""
+    spec = ConceptSpec(concept, tuple(str(i) for i in images), bool(options.get("style")), anchor)
+    return erase_concepts([spec], output, **options)
+
+
+def erase_concepts(
+    specs: list[ConceptSpec],
     output: str | Path,
     *,
     model: str | None = None,
     overwrite: bool = False,
     config: str | None = None,
     allow_pickle: bool = False,
+    auto_preserve: bool = True,
     progress: Progress | None = None,
     **settings,
 ) -> EraseResult:
-    """Erase `concept` from a Stable Diffusion model's text encoder using a few real `images` of it.
-
-    `settings` are EraseSettings fields (lr, steps, batch_size, seed, resolution, templates, style, train,
-    encoder, device, dtype, ...). Returns the result; raises BadInput or RunFailure and then writes nothing."""
+    """Erase one or several concepts into one patched encoder. Raises BadInput or RunFailure and then has
+    written nothing."""
     progress = progress or Progress()
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    concept = prompts.check_concept(concept)
+    specs = check_specs(specs, tuple(settings.get("preserve", ())))
     source = resolve_model(model)
     if source.kind == "demo":
         warnings.warn("no --model given: erasing from the embedded demo model (digits 0-9)", EraseWarning, stacklevel=2)
-    if "templates" in settings and settings["templates"] is not None:
+    if settings.get("templates") is not None:
         settings["templates"] = prompts.check_templates(settings["templates"])
-    run_settings = EraseSettings(concept=concept, **{**_recommended(source), **settings})
-    image_paths = image_io.find_image_files(images)
-    target = check_target(Path(output), overwrite, inputs=tuple(Path(p) for p in images) + ((source.path,) if source.path else ()))
-    with progress.phase("reading images", total=len(image_paths)) as advance:
+    recommended = _recommended(source)
+    run_settings = EraseSettings(concept=", ".join(s.concept for s in specs), **{**recommended, **settings})
+    image_paths = [image_io.find_image_files(spec.images) for spec in specs]
+    inputs = tuple(Path(p) for spec in specs for p in spec.images) + ((source.path,) if source.path else ())
+    target = check_target(Path(output), overwrite, inputs=inputs)
+    with progress.phase("reading images", total=sum(map(len, image_paths))) as advance:
         loaded = []
-        for path in image_paths:
-            loaded.append(image_io.load_image(path))
-            advance()
+        for paths in image_paths:
+            loaded.append([image_io.load_image(path) for path in paths])
+            advance(len(paths))
     timings["images"] = time.perf_counter() - started
 
     clock = time.perf_counter()
@@ -137,33 +149,46 @@ def erase(
         parts = load_pipeline_parts(source, device=run_settings.device, dtype=run_settings.dtype, config=config,
                                     allow_pickle=allow_pickle)
     timings["load"] = time.perf_counter() - clock
-    templates = run_settings.templates or prompts.default_templates(run_settings.style)
-    run_settings = run_settings.replace(templates=tuple(templates), resolution=run_settings.resolution or parts.resolution)
-    _warn_long_captions(parts.pipeline, parts.family, templates, concept)
+    run_settings = run_settings.replace(resolution=run_settings.resolution or parts.resolution)
+    templates = {spec.concept: tuple(run_settings.templates or prompts.default_templates(spec.style or run_settings.style))
+                 for spec in specs}
+    for spec in specs:
+        _warn_long_captions(parts.pipeline, templates[spec.concept], spec.concept)
+    if auto_preserve and run_settings.preserve_weight > 0 and "preserve" not in settings:
+        run_settings = run_settings.replace(preserve=_automatic_preserve(parts, specs, source, run_settings))
 
     from . import unlearning as method
 
     clock = time.perf_counter()
-    with progress.phase("encoding images", total=1) as advance:
-        pixels = image_io.to_pixels(loaded, run_settings.resolution, run_settings.flip)
-        latents = method.encode_images_once(parts.pipeline.vae, pixels, parts.device, parts.dtype)
-        advance()
+    with progress.phase("encoding images", total=len(specs)) as advance:
+        targets = []
+        for spec, pictures in zip(specs, loaded):
+            pixels = image_io.to_pixels(pictures, run_settings.resolution, run_settings.flip)
+            latents = method.encode_images_once(parts.pipeline.vae, pixels, parts.device, parts.dtype)
+            targets.append(method.Target(spec.concept, latents, len(pictures), templates[spec.concept], spec.anchor))
+            advance()
     timings["encode"] = time.perf_counter() - clock
 
     base_hashes, base_fingerprints = base_identity(parts, run_settings)
-    steps = run_settings.step_count(len(loaded))
+    steps = run_settings.steps or sum(run_settings.step_count(t.image_count) for t in targets)
     clock = time.perf_counter()
     with progress.phase("erasing", total=steps) as advance:
-        result = method.run(parts, latents, len(loaded), run_settings, tuple(templates),
-                            on_step=lambda step, loss: advance(loss=loss))
+        result = method.run(parts, targets, run_settings, on_step=lambda step, loss: advance(loss=loss))
     timings["train"] = time.perf_counter() - clock
 
+    all_images = [item for pictures in loaded for item in pictures]
     record = {
         "format": RECORD_FORMAT,
-        "concept": concept,
+        "concept": run_settings.concept,
+        "concepts": [
+            {"concept": spec.concept, "style": spec.style or run_settings.style, "anchor": spec.anchor,
+             "templates": list(templates[spec.concept]),
+             "images": [{"name": item.path.name, "sha256": item.sha256} for item in pictures]}
+            for spec, pictures in zip(specs, loaded)
+        ],
         "style": run_settings.style,
-        "images": [{"name": item.path.name, "sha256": item.sha256} for item in loaded],
-        "images_paths": [str(item.path) for item in loaded],
+        "images": [{"name": item.path.name, "sha256": item.sha256} for item in all_images],
+        "images_paths": [str(item.path) for item in all_images],
         "base": {
             "model": source.reference,
             "kind": source.kind,
@@ -173,9 +198,12 @@ def erase(
         "base_fingerprints": base_fingerprints,
         "trained_tensors": {name: sorted(group) for name, group in result.trained.items()},
         "settings": run_settings.to_record(),
-        "steps": steps,
+        "recommended_by_model": sorted(key for key in recommended if key not in settings),
+        "steps": len(result.losses),
+        "stopped_early": result.stopped_early,
         "losses": result.losses,
         "retain_losses": result.retain_losses,
+        "trajectory": result.trajectory,
         "device": str(parts.device),
         "dtype": str(parts.dtype).replace("torch.", ""),
         "versions": library_versions(),
@@ -192,6 +220,33 @@ def erase(
     timings["total"] = time.perf_counter() - started
     _rewrite_timings(target, record)
     return EraseResult(output=target, record=record)
+
+
+def _automatic_preserve(parts, specs, source, settings) -> tuple[str, ...]:
+    """The demo keeps its other digits; a Stable Diffusion model keeps the common concepts nearest to the erased
+    ones by the original encoder's pooled embedding (those are the ones an erase drags along)."""
+    erased = [spec.concept for spec in specs]
+    if source.kind == "demo":
+        return automatic_preserve(erased, tuple(source.concepts))
+    candidates = automatic_preserve(erased, COMMON_CONCEPTS)
+    scores = concept_similarity(parts, erased, candidates)
+    return nearest(scores, PRESERVE_NEIGHBOURS)
+
+
+def concept_similarity(parts, erased: list[str], candidates: tuple[str, ...]) -> dict[str, float]:
+    import torch
+
+    pipeline = parts.pipeline
+
+    @torch.no_grad()
+    def embed(words):
+        tokens = pipeline.tokenizer([prompts.fill("a photo of a {}", w) for w in words], padding="max_length",
+                                    max_length=pipeline.tokenizer.model_max_length, truncation=True, return_tensors="pt")
+        pooled = pipeline.text_encoder(tokens.input_ids.to(parts.device)).pooler_output.float()
+        return torch.nn.functional.normalize(pooled, dim=-1)
+
+    similarity = embed(list(candidates)) @ embed(erased).T
+    return dict(zip(candidates, similarity.max(dim=1).values.tolist()))
 
 
 def _recommended(source) -> dict:

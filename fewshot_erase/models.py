@@ -30,6 +30,7 @@ class ModelSource:
     path: Path | None  # the local folder or file, once known
     recommended: dict = field(default_factory=dict)  # erase settings the model ships with (the demo does)
     generation: dict = field(default_factory=dict)  # guidance scale and steps it was measured to generate well at
+    concepts: tuple[str, ...] = ()  # what the model knows, where it says so (the demo's digits)
 
     @property
     def description(self) -> str:
@@ -47,7 +48,8 @@ def resolve_model(model: str | None) -> ModelSource:
             raise RunFailure(f"the embedded demo model is missing from {DEMO_DIR}; reinstall fewshot-erase or pass --model")
         shipped = demo_metadata()
         generation = {key: shipped[key] for key in ("guidance_scale", "num_inference_steps") if key in shipped}
-        return ModelSource("demo", "demo", DEMO_DIR, shipped.get("erase_settings", {}), generation)
+        return ModelSource("demo", "demo", DEMO_DIR, shipped.get("erase_settings", {}), generation,
+                           tuple(shipped.get("concepts", ())))
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "model_index.json").is_file():

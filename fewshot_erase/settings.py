@@ -40,6 +40,13 @@ class EraseSettings:
     preserve: tuple[str, ...] = ()
     preserve_weight: float = 0.0
     preserve_batch: int = 8
+    # Steering: the concept's captions should generate this instead (None: the published pure ascent).
+    anchor: Optional[str] = None
+    # Stopping on evidence: "gone" stops once the concept's captions denoise its pictures no better than an
+    # empty caption (averaged over `until_window` steps) and preserve drift <= `until_drift`; steps is the cap.
+    until: Optional[str] = None
+    until_window: int = 4
+    until_drift: float = 0.05
 
     def __post_init__(self):
         checks = [
@@ -51,6 +58,8 @@ class EraseSettings:
             (self.train in TRAIN_CHOICES, f"--train must be one of {', '.join(TRAIN_CHOICES)}, got {self.train!r}"),
             (self.encoder in ENCODER_CHOICES, f"--encoder must be one of 1, 2, both, got {self.encoder!r}"),
             (self.preserve_weight >= 0, f"--preserve-weight must be zero or positive, got {self.preserve_weight}"),
+            (self.until in (None, "gone"), f"--until must be 'gone', got {self.until!r}"),
+            (self.until_window >= 1, f"the --until window must be at least 1, got {self.until_window}"),
             (self.preserve_batch >= 1, f"the preserve batch must be at least 1, got {self.preserve_batch}"),
             (self.dtype in ("auto", "float32", "float16", "bfloat16"),
              f"--dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}"),

@@ -88,18 +88,21 @@ def training_scheduler(pipeline):
     return DDPMScheduler.from_config(pipeline.scheduler.config)
 
 
-def denoising_loss(unet, scheduler, latents, cond, generator) -> torch.Tensor:
-    """The ordinary diffusion training loss at uniform random timesteps against the scheduler's target."""
+def noised(latents, scheduler, generator):
+    """Noisy latents at uniform random timesteps, and the scheduler's target (epsilon or v, from its config)."""
     noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
     steps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
     steps = steps.to(latents.device)
     noisy = scheduler.add_noise(latents, noise, steps)
-    prediction = unet(noisy, steps, **cond).sample
     if scheduler.config.prediction_type == "v_prediction":
-        target = scheduler.get_velocity(latents, noise, steps)
-    else:
-        target = noise
-    return F.mse_loss(prediction.float(), target.float())
+        return noisy, steps, scheduler.get_velocity(latents, noise, steps)
+    return noisy, steps, noise
+
+
+def denoising_loss(unet, scheduler, latents, cond, generator) -> torch.Tensor:
+    """The ordinary diffusion training loss at uniform random timesteps against the scheduler's target."""
+    noisy, steps, target = noised(latents, scheduler, generator)
+    return F.mse_loss(unet(noisy, steps, **cond).sample.float(), target.float())
 
 
 PRESERVE_POOL = 64  # preserve captions drawn once per run; their original conditioning is computed once
@@ -111,30 +114,63 @@ def conditioning_tensors(cond: dict) -> list[torch.Tensor]:
     return [cond["encoder_hidden_states"]] + ([added["text_embeds"]] if "text_embeds" in added else [])
 
 
-def preserve_pool(settings: EraseSettings, templates, rng: random.Random) -> list[str]:
-    """Captions of the concepts to keep, in the erase's own templates, at most PRESERVE_POOL of them."""
-    pool = [fill(template, other) for other in settings.preserve for template in templates]
-    return rng.sample(pool, min(len(pool), PRESERVE_POOL))
+@dataclass
+class Target:
+    """One concept to erase: its cached latents (originals, then mirrored copies) and its captions. With an
+    anchor, the concept is steered to generate the anchor instead of being pushed away from everything."""
 
-
-def retain_loss(pipeline, family, captions, originals, resolution, dtype) -> torch.Tensor:
-    """How far the patched encoder's conditioning for the preserve captions has moved from the original's."""
-    current = conditioning_tensors(conditioning(pipeline, family, captions, resolution, dtype))
-    return sum(F.mse_loss(new.float(), old.float()) for new, old in zip(current, originals))
+    concept: str
+    latents: torch.Tensor
+    image_count: int
+    templates: tuple[str, ...]
+    anchor: str | None = None
 
 
 @dataclass
 class LoopResult:
     losses: list[float]
     retain_losses: list[float]
+    trajectory: list[dict]  # per step: concept, loss, and with --until the evidence checked
+    stopped_early: bool
     trained: dict[str, dict[str, torch.nn.Parameter]]  # encoder -> canonical name -> parameter
 
 
-def batches(image_count: int, batch_size: int, steps: int, flip: bool, generator):
-    """Image indices per step: epochs of shuffled pictures; with `flip`, each pick is the mirrored copy
+def preserve_pool(preserve: tuple[str, ...], templates, rng: random.Random) -> list[str]:
+    """Captions of the concepts to keep, in the erase's own templates, at most PRESERVE_POOL of them."""
+    pool = [fill(template, other) for other in preserve for template in templates]
+    return rng.sample(pool, min(len(pool), PRESERVE_POOL))
+
+
+@torch.no_grad()
+def frozen_conditioning(pipeline, family, captions, resolution, dtype) -> dict[str, list[torch.Tensor]]:
+    """The ORIGINAL encoder's conditioning per caption, computed once before any weight moves."""
+    return {caption: conditioning_tensors(conditioning(pipeline, family, [caption], resolution, dtype))
+            for caption in dict.fromkeys(captions)}
+
+
+def stacked(frozen: dict, captions: list[str]) -> list[torch.Tensor]:
+    parts = [frozen[caption] for caption in captions]
+    return [torch.cat([p[k] for p in parts]) for k in range(len(parts[0]))]
+
+
+def as_cond(tensors: list[torch.Tensor], like: dict) -> dict:
+    """Frozen conditioning tensors back in the UNet's keyword form (SDXL keeps its time ids)."""
+    cond = {"encoder_hidden_states": tensors[0]}
+    if "added_cond_kwargs" in like:
+        cond["added_cond_kwargs"] = {**like["added_cond_kwargs"], "text_embeds": tensors[1]}
+    return cond
+
+
+def retain_loss(current: dict, reference: list[torch.Tensor]) -> torch.Tensor:
+    """How far the patched encoder's conditioning for the preserve captions has moved from the original's."""
+    return sum(F.mse_loss(new.float(), old.float()) for new, old in zip(conditioning_tensors(current), reference))
+
+
+def batches(image_count: int, batch_size: int, flip: bool, generator):
+    """Image indices per step, endlessly: epochs of shuffled pictures; with `flip`, each pick is the mirrored copy
     (cached after the originals) half of the time."""
     stream: list[int] = []
-    for _ in range(steps):
+    while True:
         while len(stream) < batch_size:
             stream += torch.randperm(image_count, generator=generator).tolist()
         picked, stream = stream[:batch_size], stream[batch_size:]
@@ -144,20 +180,27 @@ def batches(image_count: int, batch_size: int, steps: int, flip: bool, generator
         yield picked
 
 
-def run(parts, latents: torch.Tensor, image_count: int, settings: EraseSettings, templates: tuple[str, ...],
-        on_step: Callable[[int, float], None] = lambda step, loss: None) -> LoopResult:
+def prepare_encoders(parts, settings: EraseSettings) -> dict:
+    """Freeze everything but the selected weights; return them per encoder."""
     pipeline, family = parts.pipeline, parts.family
-    resolution = settings.resolution or parts.resolution
     pipeline.unet.requires_grad_(False)  # no weight gradients for the UNet: only its input gets one
     pipeline.vae.requires_grad_(False)
-    trained_names = trained_encoders(family, settings.encoder)
+    chosen = trained_encoders(family, settings.encoder)
     trained = {}
     for name in family.encoders:
         encoder = parts.text_encoder(name)
-        encoder.train(False)  # CLIP has no dropout in use, but keep evaluation semantics explicit
-        trained[name] = ffn_parameters(encoder, settings.train) if name in trained_names else {}
-        if name not in trained_names:
+        encoder.train(False)
+        trained[name] = ffn_parameters(encoder, settings.train) if name in chosen else {}
+        if name not in chosen:
             encoder.requires_grad_(False)
+    return trained
+
+
+def run(parts, targets: list[Target], settings: EraseSettings,
+        on_step: Callable[[int, float], None] = lambda step, loss: None) -> LoopResult:
+    pipeline, family, unet, dtype = parts.pipeline, parts.family, parts.pipeline.unet, parts.dtype
+    resolution = settings.resolution or parts.resolution
+    trained = prepare_encoders(parts, settings)
     parameters = [p for group in trained.values() for p in group.values()]
     optimizer = torch.optim.Adam(
         parameters, lr=settings.lr, betas=settings.betas, eps=settings.eps, weight_decay=settings.weight_decay
@@ -165,29 +208,67 @@ def run(parts, latents: torch.Tensor, image_count: int, settings: EraseSettings,
     scheduler = training_scheduler(pipeline)
     generator = torch.Generator().manual_seed(settings.seed)
     captions_rng = random.Random(settings.seed)
-    losses, retains = [], []
-    steps = settings.step_count(image_count)
-    keep = preserve_pool(settings, templates, captions_rng) if settings.preserve_weight > 0 else []
-    if keep:
-        with torch.no_grad():
-            originals = [conditioning_tensors(conditioning(pipeline, family, [caption], resolution, parts.dtype))
-                         for caption in keep]
-    for step, picked in enumerate(batches(image_count, settings.batch_size, steps, settings.flip, generator)):
-        captions = sample_captions(templates, settings.concept, len(picked), captions_rng)
-        cond = conditioning(pipeline, family, captions, resolution, parts.dtype)
-        loss = denoising_loss(pipeline.unet, scheduler, latents[picked], cond, generator)
-        if not torch.isfinite(loss):
-            raise RunFailure(f"the loss became {loss.item()} at step {step + 1}; lower --lr (now {settings.lr}) or use --dtype float32")
-        objective = -loss  # gradient ASCENT on the denoising loss
+    streams = [batches(t.image_count, settings.batch_size, settings.flip, generator) for t in targets]
+    keep = preserve_pool(settings.preserve, targets[0].templates, captions_rng) if settings.preserve_weight > 0 else []
+    anchors = [fill(template, t.anchor) for t in targets if t.anchor for template in t.templates]
+    frozen = frozen_conditioning(pipeline, family, keep + anchors + ([""] if settings.until else []), resolution, dtype)
+    losses, retains, trajectory = [], [], []
+    steps = settings.steps or sum(settings.step_count(t.image_count) for t in targets)
+    for step in range(steps):
+        index = step % len(targets)  # several concepts take turns, each with its own pictures
+        target, picked = targets[index], next(streams[index])
+        chosen_templates = [captions_rng.choice(target.templates) for _ in picked]
+        cond = conditioning(pipeline, family, [fill(t, target.concept) for t in chosen_templates], resolution, dtype)
+        noisy, timesteps, goal = noised(target.latents[picked], scheduler, generator)
+        prediction = unet(noisy, timesteps, **cond).sample.float()
+        loss = F.mse_loss(prediction, goal.float())
+        if target.anchor:
+            # Steer rather than push away: the concept's prediction should become the anchor's, as the original
+            # encoder conditioned it, on the same noisy pictures.
+            with torch.no_grad():
+                anchor_cond = as_cond(stacked(frozen, [fill(t, target.anchor) for t in chosen_templates]), cond)
+                wanted = unet(noisy, timesteps, **anchor_cond).sample.float()
+            objective = F.mse_loss(prediction, wanted)
+        else:
+            objective = -loss  # gradient ASCENT on the denoising loss: the published method
+        if not torch.isfinite(objective):
+            raise RunFailure(f"the loss became {objective.item()} at step {step + 1}; lower --lr (now {settings.lr}) or use --dtype float32")
+        entry = {"concept": target.concept, "loss": loss.item()}
         if keep:
-            chosen = captions_rng.sample(range(len(keep)), min(settings.preserve_batch, len(keep)))
-            reference = [torch.cat([originals[i][k] for i in chosen]) for k in range(len(originals[0]))]
-            retain = retain_loss(pipeline, family, [keep[i] for i in chosen], reference, resolution, parts.dtype)
+            chosen = captions_rng.sample(keep, min(settings.preserve_batch, len(keep)))
+            retain = retain_loss(conditioning(pipeline, family, chosen, resolution, dtype), stacked(frozen, chosen))
             objective = objective + settings.preserve_weight * retain
             retains.append(retain.item())
+            entry["retain"] = retain.item()
         optimizer.zero_grad(set_to_none=True)
         objective.backward()
         optimizer.step()
         losses.append(loss.item())
+        if settings.until:
+            entry.update(evidence(unet, noisy, timesteps, goal, frozen, cond, loss.item()))
+        trajectory.append(entry)
         on_step(step, loss.item())
-    return LoopResult(losses=losses, retain_losses=retains, trained=trained)
+        if settings.until and stop_now(trajectory, targets, settings):
+            return LoopResult(losses, retains, trajectory, True, trained)
+    return LoopResult(losses, retains, trajectory, False, trained)
+
+
+@torch.no_grad()
+def evidence(unet, noisy, timesteps, goal, frozen, cond, loss: float) -> dict:
+    """The in-loop test of "gone": on the same noisy pictures, does the concept's caption still denoise them
+    better than the empty caption? Once it does not, the text carries nothing of the concept any more."""
+    empty = as_cond([t.expand(noisy.shape[0], *t.shape[1:]) for t in frozen[""]], cond)
+    unconditional = F.mse_loss(unet(noisy, timesteps, **empty).sample.float(), goal.float()).item()
+    return {"unconditional_loss": unconditional, "advantage": unconditional - loss}
+
+
+def stop_now(trajectory: list[dict], targets: list[Target], settings: EraseSettings) -> bool:
+    """Stop when, for every concept, the caption's advantage over the empty caption has averaged <= 0 over its
+    last `until_window` steps, and the preserve prompts' drift (when preserving) is within `until_drift`."""
+    window = settings.until_window
+    for target in targets:
+        recent = [e for e in trajectory if e["concept"] == target.concept][-window:]
+        if len(recent) < window or sum(e["advantage"] for e in recent) / window > 0:
+            return False
+    drifts = [e["retain"] for e in trajectory[-window:] if "retain" in e]
+    return not drifts or max(drifts) <= settings.until_drift

@@ -9,8 +9,8 @@ from .render import handled, print_json, rich_progress
 
 
 @click.command("erase")
-@click.argument("concept")
-@click.argument("images", nargs=-1, required=True, metavar="IMAGE_OR_DIR...")
+@click.argument("concept", required=False)
+@click.argument("images", nargs=-1, metavar="IMAGE_OR_DIR...")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Folder to write the patched text encoder to.")
 @click.option("--model", help="Diffusers folder, Hub id or .safetensors checkpoint. Default: the embedded demo model.")
 @click.option("--style", is_flag=True, help="The concept is a style: use the style caption templates.")
@@ -23,6 +23,14 @@ from .render import handled, print_json, rich_progress
 @click.option("--resolution", type=int, help="Training resolution in pixels (default: the model's).")
 @click.option("--train", type=click.Choice(TRAIN_CHOICES), help="Which weights to train (default ffn).")
 @click.option("--encoder", type=click.Choice(ENCODER_CHOICES), help="SDXL: which text encoder(s) to erase in (default both).")
+@click.option("--concept", "concept_options", multiple=True, metavar="NAME=DIR", help="Erase several concepts in one run (repeatable).")
+@click.option("--manifest", type=click.Path(), help="JSON/YAML list of {concept, images, style, anchor} to erase in one run.")
+@click.option("--anchor", help="Steer the concept to generate this concept instead of pure erasure.")
+@click.option("--preserve", multiple=True, help="A concept to keep intact (repeatable); replaces the automatic set.")
+@click.option("--preserve-file", type=click.Path(), help="A file of concepts to keep, one per line.")
+@click.option("--preserve-weight", type=float, help="Weight of the term that keeps preserved concepts' conditioning.")
+@click.option("--no-preserve", is_flag=True, help="The bare published method: no preservation term.")
+@click.option("--until", type=click.Choice(["gone"]), help="Stop once the concept's captions no longer help denoise its images (steps is the cap).")
 @click.option("--no-flip", is_flag=True, help="Do not add mirrored copies of the images.")
 @click.option("--device", help="cpu, cuda, cuda:N (default: cuda if available).")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), help="Dtype of the frozen UNet and VAE.")
@@ -32,19 +40,36 @@ from .render import handled, print_json, rich_progress
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout and nothing else there.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress, no summary; errors only.")
 def erase_command(concept, images, output, model, style, templates, seed, steps, epochs, lr, batch_size, resolution,
-                  train, encoder, no_flip, device, dtype, config, allow_pickle, overwrite, as_json, quiet):
-    """Erase CONCEPT using a few real images of it (files or folders)."""
+                  train, encoder, concept_options, manifest, anchor, preserve, preserve_file, preserve_weight,
+                  no_preserve, until, no_flip, device, dtype, config, allow_pickle, overwrite, as_json, quiet):
+    """Erase CONCEPT using a few real images of it (files or folders).
+
+    Several concepts at once: --concept NAME=DIR (repeated) or --manifest FILE instead of CONCEPT IMAGE_OR_DIR."""
     chosen = {
         "style": style or None, "templates": tuple(templates) or None, "seed": seed, "steps": steps, "epochs": epochs,
         "lr": lr, "batch_size": batch_size, "resolution": resolution, "train": train, "encoder": encoder,
-        "flip": False if no_flip else None, "device": device, "dtype": dtype,
+        "flip": False if no_flip else None, "device": device, "dtype": dtype, "until": until,
+        "preserve_weight": 0.0 if no_preserve else preserve_weight,
     }
     with handled(quiet):
-        from ..api import erase
+        from .. import concepts
+        from ..api import erase_concepts
 
-        result = erase(concept, images, output, model=model, overwrite=overwrite, config=config,
-                       allow_pickle=allow_pickle, progress=rich_progress(quiet),
-                       **{key: value for key, value in chosen.items() if value is not None})
+        if concept_options or manifest:
+            if concept or images or anchor:
+                raise click.UsageError("give either CONCEPT IMAGE_OR_DIR... (with --anchor) or --concept/--manifest, not both")
+            specs = [concepts.parse_concept_option(value) for value in concept_options]
+            specs += concepts.read_manifest(manifest) if manifest else []
+        elif concept is None or not images:
+            raise click.UsageError("missing CONCEPT and IMAGE_OR_DIR...; e.g. fewshot-erase erase seven sample_images/seven -o erased/")
+        else:
+            specs = [concepts.ConceptSpec(concept, images, style, anchor)]
+        kept = tuple(preserve) + (concepts.read_preserve_file(preserve_file) if preserve_file else ())
+        if kept:
+            chosen["preserve"] = kept
+        result = erase_concepts(specs, output, model=model, overwrite=overwrite, config=config,
+                                allow_pickle=allow_pickle, progress=rich_progress(quiet),
+                                **{key: value for key, value in chosen.items() if value is not None})
     if as_json:
         print_json(result.summary())
     elif not quiet:

@@ -38,9 +38,9 @@ def rich_progress(quiet: bool):
             with Bars(*columns, console=stderr, transient=False) as bar:
                 task = bar.add_task(name, total=total, info="")
 
-                def advance(**info):
+                def advance(count=1, **info):
                     text = "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in info.items())
-                    bar.update(task, advance=1, info=text)
+                    bar.update(task, advance=count, info=text)
 
                 yield advance
                 if total is None:
