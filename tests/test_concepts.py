@@ -1,0 +1,87 @@
+"""Several concepts, anchors, preservation and stopping on evidence: what the user writes, what the tool refuses."""
+
+import json
+
+import pytest
+
+from fewshot_erase.concepts import (ConceptSpec, automatic_preserve, check_specs, nearest, parse_concept_option,
+                                    read_manifest)
+from fewshot_erase.errors import BadInput
+from helpers import run_cli
+
+
+def test_manifest_paths_are_relative_to_the_manifest(tmp_path):
+    (tmp_path / "m.json").write_text(json.dumps([
+        {"concept": "seven", "images": "seven/"},
+        {"concept": "Van Gogh", "images": ["a.png", "/abs/b.png"], "style": True, "anchor": "Monet"},
+    ]))
+    specs = read_manifest(tmp_path / "m.json")
+    assert specs[0] == ConceptSpec("seven", (str(tmp_path / "seven/"),))
+    assert specs[1].images == (str(tmp_path / "a.png"), "/abs/b.png")
+    assert specs[1].style and specs[1].anchor == "Monet"
+
+
+def test_yaml_manifest(tmp_path):
+    (tmp_path / "m.yaml").write_text("concepts:\n  - concept: seven\n    images: seven\n")
+    assert read_manifest(tmp_path / "m.yaml")[0].concept == "seven"
+
+
+@pytest.mark.parametrize("entries, message", [
+    ([{"concept": "seven"}], "entry 1: missing field 'images'"),
+    ([{"concept": "seven", "images": "x"}, {"concept": "one", "images": "y", "colour": 1}], "entry 2: unknown field 'colour'"),
+    ([], "must hold a list of concepts"),
+])
+def test_manifest_errors_name_the_entry_and_field(tmp_path, entries, message):
+    (tmp_path / "m.json").write_text(json.dumps(entries))
+    with pytest.raises(BadInput, match=message):
+        read_manifest(tmp_path / "m.json")
+
+
+@pytest.mark.parametrize("specs, preserve, message", [
+    ([ConceptSpec("seven", ("d",), anchor="Seven")], (), "anchor .* is the concept itself"),
+    ([ConceptSpec("seven", ("d",)), ConceptSpec("Seven", ("e",))], (), "given twice"),
+    ([ConceptSpec("seven", ("d",))], ("a handwritten seven",), "contains the erased concept"),
+    ([ConceptSpec("  ", ("d",))], (), "concept is empty"),
+])
+def test_contradictory_requests_are_refused(specs, preserve, message):
+    with pytest.raises(BadInput, match=message):
+        check_specs(specs, preserve)
+
+
+def test_concept_option_form():
+    assert parse_concept_option("seven=sample_images/seven") == ConceptSpec("seven", ("sample_images/seven",))
+    with pytest.raises(BadInput, match="NAME=IMAGE_DIR"):
+        parse_concept_option("seven")
+
+
+def test_automatic_preserve_leaves_out_the_erased_concepts():
+    assert automatic_preserve(["cat"], ("dog", "cat", "wildcat", "car")) == ("dog", "car")
+    assert nearest({"dog": 0.9, "car": 0.1, "horse": 0.5}, 2) == ("dog", "horse")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--anchor", "tiny robot"], "is the concept itself"),
+    (["--preserve", "a tiny robot toy"], "contains the erased concept"),
+    (["--preserve-file", "does-not-exist.txt"], "cannot read preserve file"),
+])
+def test_cli_refuses_before_loading_anything(tiny_model, pictures, tmp_path, args, message):
+    result = run_cli("erase", "tiny robot", pictures, "-o", tmp_path / "out", *tiny_model("sd1").model_args("folder"), *args)
+    assert result.exit_code == 2
+    assert message in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_two_concept_manifest_and_until_record_each_concept(tiny_model, pictures, tmp_path):
+    manifest = tmp_path / "m.json"
+    manifest.write_text(json.dumps([{"concept": "tiny robot", "images": str(pictures)},
+                                    {"concept": "blue cube", "images": str(pictures), "anchor": "red ball"}]))
+    result = run_cli("erase", "--manifest", manifest, "-o", tmp_path / "out", *tiny_model("sd1").model_args("folder"),
+                     "--steps", "6", "--lr", "1e-3", "--preserve", "green tree", "--preserve-weight", "1", "--until", "gone")
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "out" / "erase.json").read_text())
+    assert [c["concept"] for c in record["concepts"]] == ["tiny robot", "blue cube"]
+    assert record["concepts"][1]["anchor"] == "red ball"
+    assert record["settings"]["preserve"] == ["green tree"]
+    assert {e["concept"] for e in record["trajectory"]} == {"tiny robot", "blue cube"}
+    assert all("advantage" in e and "retain" in e for e in record["trajectory"])
+    assert len(record["trajectory"]) == record["steps"] <= 6
