@@ -50,13 +50,18 @@ def ffn_parameters(text_encoder, train: str) -> dict[str, torch.nn.Parameter]:
 def encode_images_once(vae, pixels: torch.Tensor, device, dtype, chunk: int = 8) -> torch.Tensor:
     """Latents for the whole run. The distribution's mean, not a sample: the pictures are few, and a fixed
     encoding keeps the run deterministic; the noise the loss adds dominates the VAE's own variance anyway."""
+    unet_dtype = dtype
+    if dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+        # SDXL's VAE overflows in fp16 (its config says so); the encoder runs once, so fp32 costs nothing here.
+        vae.to(torch.float32)
+        dtype = torch.float32
     latents = []
     for start in range(0, len(pixels), chunk):
         batch = pixels[start:start + chunk].to(device=device, dtype=dtype)
         latents.append(vae.encode(batch).latent_dist.mean)
     latents = torch.cat(latents)
     shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return (latents - shift) * vae.config.scaling_factor
+    return ((latents - shift) * vae.config.scaling_factor).to(unet_dtype)
 
 
 def conditioning(pipeline, family, captions: list[str], resolution: int, dtype) -> dict:

@@ -1,0 +1,69 @@
+"""The embedded demo model: it loads and generates, and the README's main command really erases a digit while
+sparing the others (judged by a classifier trained on held-out real digits)."""
+
+import json
+
+import pytest
+
+from benchmarks.efficacy import SAMPLES, accuracy_table, erased_pipeline, judged, load_base, measure, prompt_for
+from helpers import run_cli
+
+SEEDS = list(range(2000, 2024))  # 24 images per prompt: enough to see a halving, small enough for CI
+
+
+@pytest.fixture(scope="module")
+def base():
+    parts, generation = load_base()
+    return parts, generation, accuracy_table(parts.pipeline, SEEDS, generation, kinds=("word",))
+
+
+def test_demo_loads_as_a_stable_diffusion_pipeline_and_generates():
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from fewshot_erase.models import DEMO_DIR
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(DEMO_DIR))
+    image = pipe("a photo of the digit seven", num_inference_steps=5, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size[0] == image.size[1] > 0
+
+
+def test_readme_command_erases_seven_and_spares_the_others(base, tmp_path):
+    parts, generation, table = base
+    result = run_cli("erase", "seven", SAMPLES / "seven", "-o", tmp_path / "erased")
+    assert result.exit_code == 0, result.output
+    assert "embedded demo model" in result.stderr
+    pipe = erased_pipeline(parts, tmp_path / "erased")
+    assert judged(pipe, prompt_for("word", 7), 7, SEEDS, generation) <= table[7]["word"] / 2
+    others = [d for d in range(10) if d != 7]
+    before = sum(table[d]["word"] for d in others) / 9
+    after = sum(judged(pipe, prompt_for("word", d), d, SEEDS, generation) for d in others) / 9
+    assert after >= before - 0.10
+    record = json.loads((tmp_path / "erased" / "erase.json").read_text())
+    assert record["base"]["kind"] == "demo" and record["recommended_by_model"]
+
+
+def test_preservation_spares_the_other_digits_better_than_the_bare_method(base, tmp_path):
+    parts, generation, table = base
+    bare = measure(parts, generation, table_with_all_kinds(parts, generation, table), [7], {"preserve_weight": 0.0}, SEEDS, tmp_path)
+    kept = measure(parts, generation, table_with_all_kinds(parts, generation, table), [7], {}, SEEDS, tmp_path)
+    assert kept["erased"][7]["word"]["after"] <= table[7]["word"] / 2
+    assert kept["others_mean_after"] > bare["others_mean_after"]
+
+
+def test_anchor_steers_the_erased_prompt_to_the_anchor(base, tmp_path):
+    parts, generation, table = base
+    report = measure(parts, generation, table_with_all_kinds(parts, generation, table), [7], {"anchor": "one"}, SEEDS, tmp_path)
+    assert report["anchor"][7] >= 0.5
+
+
+def test_two_concepts_in_one_run_are_both_erased(base, tmp_path):
+    parts, generation, table = base
+    report = measure(parts, generation, table_with_all_kinds(parts, generation, table), [2, 7], {}, SEEDS, tmp_path)
+    for digit in (2, 7):
+        assert report["erased"][digit]["word"]["after"] <= table[digit]["word"] / 2
+
+
+def table_with_all_kinds(parts, generation, table):
+    """`measure` reports every prompt kind; the tests only judge the word prompts, so reuse them for the rest."""
+    return {d: {"word": row["word"], "numeral": row["word"], "heldout": row["word"]} for d, row in table.items()}
