@@ -16,8 +16,8 @@ from typing import Iterable, Sequence
 from . import images as image_io
 from . import prompts
 from .concepts import COMMON_CONCEPTS, ConceptSpec, automatic_preserve, check_specs, nearest
-from .errors import EraseWarning
-from .models import load_pipeline_parts, resolve_model
+from .errors import EraseWarning, RunFailure
+from .models import import_libraries, load_pipeline_parts, resolve_model
 from .record import RECORD_FORMAT, library_versions, tensors_sha256
 from .settings import EraseSettings
 from .writers.atomic import check_target, staged_folder
@@ -88,6 +88,20 @@ def base_identity(parts, settings: EraseSettings) -> tuple[dict, dict]:
     return hashes, prints
 
 
+@contextlib.contextmanager
+def out_of_memory_explained(settings: EraseSettings):
+    """A GPU out of memory is the run's failure, with the ways out; the run has written nothing yet."""
+    import torch
+
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise RunFailure(
+            f"the GPU ran out of memory; pass --low-memory, a smaller --batch-size (now {settings.batch_size}) "
+            "or a smaller --resolution"
+        ) from None
+
+
 def _warn_long_captions(pipeline, templates, concept) -> None:
     tokenizer = pipeline.tokenizer
     longest = max(len(tokenizer(prompts.fill(t, concept)).input_ids) for t in templates)
@@ -146,21 +160,26 @@ def erase_concepts(
 
     clock = time.perf_counter()
     with progress.phase("loading model"):
+        import_libraries()
+        timings["import"] = time.perf_counter() - clock
+        clock = time.perf_counter()
         parts = load_pipeline_parts(source, device=run_settings.device, dtype=run_settings.dtype, config=config,
                                     allow_pickle=allow_pickle)
     timings["load"] = time.perf_counter() - clock
     run_settings = run_settings.replace(resolution=run_settings.resolution or parts.resolution)
     templates = {spec.concept: tuple(run_settings.templates or prompts.default_templates(spec.style or run_settings.style))
                  for spec in specs}
+    clock = time.perf_counter()
     for spec in specs:
         _warn_long_captions(parts.pipeline, templates[spec.concept], spec.concept)
     if auto_preserve and run_settings.preserve_weight > 0 and "preserve" not in settings:
         run_settings = run_settings.replace(preserve=_automatic_preserve(parts, specs, source, run_settings))
+    timings["prepare"] = time.perf_counter() - clock
 
     from . import unlearning as method
 
     clock = time.perf_counter()
-    with progress.phase("encoding images", total=len(specs)) as advance:
+    with progress.phase("encoding images", total=len(specs)) as advance, out_of_memory_explained(run_settings):
         targets = []
         for spec, pictures in zip(specs, loaded):
             pixels = image_io.to_pixels(pictures, run_settings.resolution, run_settings.flip)
@@ -169,10 +188,12 @@ def erase_concepts(
             advance()
     timings["encode"] = time.perf_counter() - clock
 
+    clock = time.perf_counter()
     base_hashes, base_fingerprints = base_identity(parts, run_settings)
+    timings["identity"] = time.perf_counter() - clock
     steps = run_settings.steps or sum(run_settings.step_count(t.image_count) for t in targets)
     clock = time.perf_counter()
-    with progress.phase("erasing", total=steps) as advance:
+    with progress.phase("erasing", total=steps) as advance, out_of_memory_explained(run_settings):
         result = method.run(parts, targets, run_settings, on_step=lambda step, loss: advance(loss=loss))
     timings["train"] = time.perf_counter() - clock
 
@@ -215,10 +236,10 @@ def erase_concepts(
             record["timings"] = timings
             record["output"] = str(target)
             write_erase_output(staging, parts.pipeline, parts.family, record)
+            timings["save"] = time.perf_counter() - clock
+            timings["total"] = time.perf_counter() - started
+            _rewrite_timings(staging, record)
             advance()
-    timings["save"] = time.perf_counter() - clock
-    timings["total"] = time.perf_counter() - started
-    _rewrite_timings(target, record)
     return EraseResult(output=target, record=record)
 
 
@@ -255,12 +276,9 @@ def _recommended(source) -> dict:
     return {key: tuple(value) if isinstance(value, list) else value for key, value in source.recommended.items()}
 
 
-def _rewrite_timings(target: Path, record: dict) -> None:
-    """erase.json gets the final save and total times once the folder is in place (a small file, atomically)."""
+def _rewrite_timings(staging: Path, record: dict) -> None:
+    """erase.json again, with the save and total times, while still in the staging folder: once the folder is
+    renamed into place nothing more is written, so an interrupt can never leave a half-finished output."""
     import json
-    import os
 
-    path = target / "erase.json"
-    staging = path.with_name(".erase.json.partial")
-    staging.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    os.replace(staging, path)
+    (staging / "erase.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")

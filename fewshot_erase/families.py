@@ -40,7 +40,7 @@ def family_from_configs(model_index: dict, text_encoder_config: dict | None, whe
     elif class_name in SD_PIPELINES:
         family = None
     else:
-        raise BadInput(f"{where} is a {class_name or 'unknown'} pipeline, not one fewshot-erase supports ({SUPPORTED})")
+        raise BadInput(f"{where} is a {class_name or 'unknown'} pipeline, which fewshot-erase does not support; pass an SD 1.x, SD 2.x or SDXL model")
     for name in (family or SD1).encoders:
         if not model_index.get(name) or model_index[name][0] is None:
             raise BadInput(f"{where} has no {name}; fewshot-erase needs a pipeline with its text encoder(s)")

@@ -5,6 +5,7 @@ Everything is read and checked before any model is loaded, so bad input fails in
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import warnings
@@ -12,9 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from .errors import BadInput, EraseWarning
+from .errors import BadInput, EraseWarning, first_line
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif")
+MIN_SIDE = 8  # pixels on the short side, whatever the training resolution
 
 
 @dataclass(frozen=True)
@@ -29,29 +31,52 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def find_image_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
-    """Files as given; folders contribute their image files (sorted, not recursive, so a symlink loop cannot trap us)."""
+    """Files as given; folders contribute their image files (sorted, not recursive, so a symlink loop cannot trap us).
+    An image-named entry that is not a readable file (a broken link, a link loop, a pipe) is an error, not skipped:
+    a script that meant to pass it should hear about it."""
     found: list[Path] = []
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            entries = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            try:
+                entries = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
+            except OSError as error:
+                raise BadInput(f"cannot list folder {path}: {error.strerror or error}; check its permissions") from None
             if not entries:
                 raise BadInput(f"folder {path} holds no images ({', '.join(IMAGE_SUFFIXES)}); add some or point at another folder")
             found.extend(entries)
-        elif path.is_file():
-            found.append(path)
-        elif path.is_symlink():
-            raise BadInput(f"image path {path} is a broken symbolic link; point it at a real file")
         else:
-            raise BadInput(f"image path {path} does not exist; check the path")
+            found.append(path)
     if not found:
         raise BadInput("no images given; pass image files or folders of images after the concept")
+    for path in found:
+        check_is_file(path)
     return found
 
 
-def min_side(resolution: int) -> int:
-    """Smaller pictures carry too little of the concept to learn from; 1/8 of the training size is the floor."""
-    return max(8, resolution // 8)
+def check_is_file(path: Path) -> None:
+    """Say precisely why a path is not a picture file; reading a pipe or a device would block or never end."""
+    if path.is_file():
+        return
+    if path.is_symlink():
+        try:
+            path.stat()
+        except OSError as error:
+            if error.errno == errno.ELOOP:
+                raise BadInput(f"image path {path} is a symbolic link loop; remove it or point it at a real file") from None
+        raise BadInput(f"image path {path} is a broken symbolic link; point it at a real file")
+    if path.exists():
+        raise BadInput(f"image path {path} is not a regular file; pass picture files or folders of them")
+    raise BadInput(f"image path {path} does not exist; check the path")
+
+
+def check_size(path: Path, size: tuple[int, int], resolution: int | None = None) -> None:
+    """Smaller pictures carry too little of the concept to learn from: 1/8 of the training size, and never under
+    MIN_SIDE. Checked on reading (before any model is loaded) and again once the training resolution is known."""
+    floor = max(MIN_SIDE, (resolution or 0) // 8)
+    if min(size) < floor:
+        at = f" at {resolution}px" if resolution else ""
+        raise BadInput(f"image {path} is {size[0]}x{size[1]}, too small to learn from{at}; use pictures at least {floor}px on the short side")
 
 
 def _to_rgb(image):
@@ -93,7 +118,7 @@ def load_image(path: Path) -> LoadedImage:
     try:
         data = path.read_bytes()
     except OSError as error:
-        raise BadInput(f"cannot read image {path}: {error.strerror or error}; check its permissions") from None
+        raise BadInput(f"cannot read image {path}: {error.strerror or error}; check that it exists and that you may read it") from None
     if not data:
         raise BadInput(f"image {path} is an empty file; replace it with a real picture")
     try:
@@ -102,15 +127,17 @@ def load_image(path: Path) -> LoadedImage:
             image = Image.open(io.BytesIO(data))
             frames = getattr(image, "n_frames", 1)
             image.load()
+            rgb = _to_rgb(ImageOps.exif_transpose(image))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise BadInput(f"image {path} is too large to decode safely (over {Image.MAX_IMAGE_PIXELS} pixels); shrink it first") from None
     except UnidentifiedImageError:
         raise BadInput(f"{path} is not an image Pillow can read; remove it or convert it to PNG or JPEG") from None
-    except (OSError, SyntaxError, ValueError) as error:
-        raise BadInput(f"image {path} is damaged or truncated ({error}); replace it with a complete file") from None
+    except Exception as error:  # Pillow's decoders raise many types on damaged bytes; all mean the same to the user
+        raise BadInput(f"image {path} is damaged or truncated ({first_line(error, 120)}); replace it with a complete file") from None
     if frames > 1:
         warnings.warn(f"{path} is animated ({frames} frames); only the first frame is used", EraseWarning, stacklevel=2)
-    return LoadedImage(path=path, sha256=sha256_bytes(data), image=_to_rgb(ImageOps.exif_transpose(image)))
+    check_size(path, rgb.size)
+    return LoadedImage(path=path, sha256=sha256_bytes(data), image=rgb)
 
 
 def load_images(paths: Iterable[str | os.PathLike]) -> list[LoadedImage]:
@@ -124,11 +151,7 @@ def to_pixels(images: list[LoadedImage], resolution: int, flip: bool):
     import torch
 
     for item in images:
-        if min(item.image.size) < min_side(resolution):
-            raise BadInput(
-                f"image {item.path} is {item.image.size[0]}x{item.image.size[1]}, too small to learn from at "
-                f"{resolution}px; use pictures at least {min_side(resolution)}px on the short side"
-            )
+        check_size(item.path, item.image.size, resolution)
     squares = [np.asarray(center_square(item.image, resolution), dtype=np.float32) for item in images]
     arrays = np.stack(squares) / 127.5 - 1.0
     pixels = torch.from_numpy(arrays).permute(0, 3, 1, 2).contiguous()

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import families, safetensors_file
-from .errors import BadInput, RunFailure
+from .errors import BadInput, RunFailure, first_line
 
 PACKAGE = Path(__file__).resolve().parent
 DEMO_DIR = PACKAGE / "demo"
@@ -54,10 +54,12 @@ def resolve_model(model: str | None) -> ModelSource:
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise BadInput(f"{path} is not a diffusers pipeline folder (no model_index.json); pass a pipeline folder, a Hub id or a .safetensors checkpoint")
+        family_of_folder(path, model)  # only to fail now, before pictures are read and libraries imported
         return ModelSource("folder", model, path)
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix == ".safetensors":
+            single_file_family(path, model)  # only to fail now, before pictures are read and libraries imported
             return ModelSource("single-file", model, path)
         if suffix in PICKLE_SUFFIXES:
             return ModelSource("pickle", model, path)
@@ -141,7 +143,7 @@ def resolve_dtype(dtype: str, device):
     return getattr(torch, dtype)
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     import diffusers
     import transformers
 
@@ -158,6 +160,34 @@ def load_tokenizer(pad_token: str | None = None):
     return CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR), **extra)
 
 
+def family_tokenizers(family: families.Family) -> dict:
+    """The packaged tokenizer in each of the family's tokenizer slots. SD 2.x and SDXL's second encoder use
+    OpenCLIP's tokenizer, which pads with "!" rather than the end token."""
+    tokenizers = {"tokenizer": load_tokenizer("!" if family is families.SD2 else None)}
+    if family is families.SDXL:
+        tokenizers["tokenizer_2"] = load_tokenizer("!")
+    return tokenizers
+
+
+def import_libraries() -> None:
+    """Import what loading and erasing need, so that a caller can time the imports apart from the load."""
+    quiet_libraries()  # first: transformers warns about missing optional backends while these imports run
+    from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline  # noqa: F401
+
+    from . import unlearning  # noqa: F401
+
+
+COMPONENT_WEIGHTS = ("model.safetensors", "diffusion_pytorch_model.safetensors")  # what from_pretrained reads
+
+
+def _loader_errors() -> tuple[type[BaseException], ...]:
+    """What diffusers raises on a damaged or mismatched model (files missing, configs wrong, tensors short); all
+    mean the model, not the tool, is at fault."""
+    from safetensors import SafetensorError
+
+    return (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError)
+
+
 def _pipeline_class(family: families.Family):
     import diffusers
 
@@ -165,14 +195,25 @@ def _pipeline_class(family: families.Family):
 
 
 def _load_folder(path: Path, family: families.Family, dtype):
+    import torch
+
+    # A damaged weight file gets the header check's precise message rather than the loader's.
+    for weights in sorted(path.glob("*/*.safetensors")):
+        if weights.name in COMPONENT_WEIGHTS:
+            safetensors_file.read_header(weights)
     cls = _pipeline_class(family)
     extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False} if family is not families.SDXL else {}
-    return cls.from_pretrained(str(path), torch_dtype=dtype, **extra)
+    # The trained encoders load straight in fp32: by way of bf16 every weight of theirs would lose precision.
+    dtypes = {"default": dtype, **{name: torch.float32 for name in family.encoders}}
+    try:
+        return cls.from_pretrained(str(path), torch_dtype=dtypes, **extra)
+    except _loader_errors() as error:
+        raise BadInput(f"pipeline folder {path} could not be loaded ({first_line(error)}); check that it is complete or re-download it") from None
 
 
-def single_file_family(path: Path) -> families.Family:
+def single_file_family(path: Path, where: str) -> families.Family:
     header = safetensors_file.read_header(path)
-    return families.family_from_keys(safetensors_file.tensor_names(header), str(path))
+    return families.family_from_keys(safetensors_file.tensor_names(header), where)
 
 
 def _load_single_file(path: Path, family: families.Family, config: Path | None, dtype):
@@ -181,33 +222,32 @@ def _load_single_file(path: Path, family: families.Family, config: Path | None, 
     config_dir = Path(config) if config else CONFIGS_DIR / family.name
     if not (config_dir / "model_index.json").is_file():
         raise BadInput(f"config folder {config_dir} has no model_index.json; pass a folder laid out like a diffusers pipeline (configs only)")
-    # SD 2.x and SDXL's second encoder use OpenCLIP's tokenizer, which pads with "!" rather than the end token.
-    tokenizers = {"tokenizer": load_tokenizer("!" if family is families.SD2 else None)}
-    if family is families.SDXL:
-        tokenizers["tokenizer_2"] = load_tokenizer("!")
+    tokenizers = family_tokenizers(family)
     extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False} if family is not families.SDXL else {}
     cls = _pipeline_class(family)
     try:
         return cls.from_single_file(str(path), config=str(config_dir), local_files_only=True, torch_dtype=dtype, **tokenizers, **extra)
-    except (RuntimeError, ValueError, KeyError) as error:
+    except _loader_errors() as error:
         if "size mismatch" in str(error) or "shape" in str(error):
             raise BadInput(f"{path}: tensor shapes do not match the {family.label} architecture; pass --config with the model's own configs") from None
-        raise BadInput(f"{path} could not be read as a {family.label} checkpoint ({str(error).splitlines()[0][:200]}); check the file") from None
+        raise BadInput(f"{path} could not be read as a {family.label} checkpoint ({first_line(error)}); check the file") from None
 
 
 def _pickle_to_safetensors(path: Path, workdir: Path) -> Path:
     """Pickle checkpoints run code when unpickled; `weights_only=True` refuses anything but tensors and containers."""
-    import pickle
+    import warnings
 
     import torch
     from safetensors.torch import save_file
 
     try:
-        loaded = torch.load(str(path), map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as error:
-        raise BadInput(f"{path} is not a plain-tensor pickle checkpoint ({str(error).splitlines()[0][:160]}); it was not loaded. Use a .safetensors file") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about odd pickle protocols before it refuses them
+            loaded = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception:  # a hostile or damaged pickle makes torch raise a dozen types; all mean the same here
+        raise BadInput(f"{path} is damaged or holds more than plain tensors (objects that could run code when unpickled); it was not loaded. Use a .safetensors file") from None
     state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise BadInput(f"{path} holds no state dict of tensors; use a .safetensors checkpoint")
     target = workdir / (path.stem + ".safetensors")
     save_file({k: v.contiguous() for k, v in state.items()}, str(target))
@@ -222,7 +262,7 @@ def load_pipeline_parts(source: ModelSource, *, device: str = "auto", dtype: str
     torch_dtype = resolve_dtype(dtype, torch_device)
     if source.kind == "pickle" and not allow_pickle:
         raise BadInput(f"{source.path} is a pickle checkpoint, which can run code when loaded; convert it to .safetensors or pass --allow-pickle")
-    _quiet_libraries()
+    quiet_libraries()
     with tempfile.TemporaryDirectory(prefix="fewshot-erase-") as workdir:
         if source.kind in ("demo", "folder"):
             family = family_of_folder(source.path, source.description)
@@ -234,7 +274,7 @@ def load_pipeline_parts(source: ModelSource, *, device: str = "auto", dtype: str
             pipeline = _load_folder(path, family, torch_dtype)
         else:
             path = _pickle_to_safetensors(source.path, Path(workdir)) if source.kind == "pickle" else source.path
-            family = single_file_family(path)
+            family = single_file_family(path, source.reference)
             pipeline = _load_single_file(path, family, config, torch_dtype)
     pipeline.set_progress_bar_config(disable=True)
     # Trainable weights stay in fp32 whatever the frozen parts compute in.

@@ -18,7 +18,8 @@ DTYPE_BYTES = {
 
 
 def read_header(path: Path) -> dict:
-    """The header's tensor entries and `__metadata__`, each offset checked against the file's real size."""
+    """The header's tensor entries and `__metadata__`, checked as strictly as the safetensors library checks them
+    (a file this accepts, the library loads): exact JSON types, offsets that tile the data with no gap or overlap."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -27,38 +28,63 @@ def read_header(path: Path) -> dict:
             if len(prefix) < 8:
                 raise BadInput(f"{path} is too short to be a safetensors file (truncated?); re-download or re-export it")
             (length,) = struct.unpack("<Q", prefix)
-            if length > MAX_HEADER_BYTES or 8 + length > size:
+            if length > MAX_HEADER_BYTES:
                 raise BadInput(f"{path} has a malformed safetensors header (says {length} bytes); the file is damaged or not safetensors")
+            if 8 + length > size:
+                raise BadInput(f"{path} is truncated or not safetensors (its header alone claims {length} bytes); re-download or re-export it")
             raw = handle.read(length)
     except OSError as error:
         raise BadInput(f"cannot read {path}: {error.strerror or error}; check the path and its permissions") from None
     try:
-        header = json.loads(raw)
+        # Decoding first: json.loads would accept bytes with a byte-order mark, which the library refuses.
+        header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise BadInput(f"{path} has a malformed safetensors header (not JSON); the file is damaged or not safetensors") from None
     if not isinstance(header, dict):
         raise BadInput(f"{path} has a malformed safetensors header; the file is damaged or not safetensors")
-    data_size = size - 8 - length
+    spans = []
     for name, entry in header.items():
         if name == "__metadata__":
-            if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
+            if entry is not None and not (isinstance(entry, dict) and all(isinstance(v, str) for v in entry.values())):
                 raise BadInput(f"{path} has malformed safetensors metadata; the file is damaged")
             continue
-        _check_entry(path, name, entry, data_size)
+        spans.append((*_checked_span(path, name, entry), name))
+    _check_tiling(path, sorted(spans), size - 8 - length)
     return header
 
 
-def _check_entry(path: Path, name: str, entry, data_size: int) -> None:
+def _is_count(value) -> bool:
+    """A JSON unsigned 64-bit integer, as the library's parser requires (Python would take True as 1)."""
+    return type(value) is int and 0 <= value < 2**64
+
+
+def _checked_span(path: Path, name: str, entry) -> tuple[int, int]:
     try:
         dtype, shape, (start, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-        expected = math.prod(shape) * DTYPE_BYTES[dtype]
-        valid = all(isinstance(n, int) and n >= 0 for n in (*shape, start, end)) and end - start == expected
+        valid = (isinstance(dtype, str) and isinstance(shape, list) and all(_is_count(n) for n in (*shape, start, end))
+                 and start <= end)
     except (KeyError, TypeError, ValueError):
         valid = False
     if not valid:
         raise BadInput(f"{path}: tensor {name!r} has a malformed header entry; the file is damaged")
-    if end > data_size:
-        raise BadInput(f"{path} is truncated (tensor {name!r} ends past the end of the file); re-download or re-export it")
+    if dtype not in DTYPE_BYTES:
+        raise BadInput(f"{path}: tensor {name!r} has dtype {str(dtype)[:20]!r}, which fewshot-erase does not read; convert the file to fp32, fp16 or bf16")
+    if end - start != math.prod(shape) * DTYPE_BYTES[dtype]:
+        raise BadInput(f"{path}: tensor {name!r} has a malformed header entry (its size does not match its shape); the file is damaged")
+    return start, end
+
+
+def _check_tiling(path: Path, spans: list[tuple[int, int, str]], data_size: int) -> None:
+    """Tensors must cover the data exactly, in offset order: a gap, an overlap or trailing bytes mean damage."""
+    position = 0
+    for start, end, name in spans:
+        if end > data_size:
+            raise BadInput(f"{path} is truncated (tensor {name!r} ends past the end of the file); re-download or re-export it")
+        if start != position:
+            raise BadInput(f"{path}: tensor {name!r} overlaps another or leaves a gap in the data; the file is damaged")
+        position = end
+    if position != data_size:
+        raise BadInput(f"{path} has extra bytes after its last tensor; the file is damaged or not safetensors")
 
 
 def tensor_names(header: dict) -> list[str]:

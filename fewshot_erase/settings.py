@@ -36,6 +36,8 @@ class EraseSettings:
     encoder: str = "both"
     device: str = "auto"
     dtype: str = "auto"
+    # Recompute the UNet's activations in the backward pass instead of keeping them: slower, far less GPU memory.
+    low_memory: bool = False
     # Preservation: other concepts whose conditioning must not drift (filled into the same templates).
     preserve: tuple[str, ...] = ()
     preserve_weight: float = 0.0

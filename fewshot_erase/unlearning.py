@@ -64,13 +64,13 @@ def encode_images_once(vae, pixels: torch.Tensor, device, dtype, chunk: int = 8)
     return ((latents - shift) * vae.config.scaling_factor).to(unet_dtype)
 
 
-def conditioning(pipeline, family, captions: list[str], resolution: int, dtype) -> dict:
+def conditioning(pipeline, family, captions: list[str], resolution: int, dtype, device=None) -> dict:
     """The UNet's conditioning exactly as the pipeline builds it when generating, with gradients kept.
 
     The pipeline's own `encode_prompt` does the family's work: SD 1.x takes the last hidden state; SD 2.x in
     diffusers form already ends at the original's penultimate layer; SDXL concatenates the penultimate hidden
     states of both encoders and adds the second's pooled output and the size/crop time ids."""
-    device = pipeline.unet.device
+    device = device or pipeline.unet.device  # the loop passes it: asking diffusers costs a walk of the UNet
     if family is SDXL:
         embeds, _, pooled, _ = pipeline.encode_prompt(
             prompt=captions, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
@@ -206,9 +206,13 @@ def run(parts, targets: list[Target], settings: EraseSettings,
     pipeline, family, unet, dtype = parts.pipeline, parts.family, parts.pipeline.unet, parts.dtype
     resolution = settings.resolution or parts.resolution
     trained = prepare_encoders(parts, settings)
+    if settings.low_memory:
+        unet.enable_gradient_checkpointing()
     parameters = [p for group in trained.values() for p in group.values()]
+    # Fused: one kernel over all the weights instead of a loop over them (4x faster on CPU, fewer launches on GPU).
     optimizer = torch.optim.Adam(
-        parameters, lr=settings.lr, betas=settings.betas, eps=settings.eps, weight_decay=settings.weight_decay
+        parameters, lr=settings.lr, betas=settings.betas, eps=settings.eps, weight_decay=settings.weight_decay,
+        fused=parts.device.type in ("cpu", "cuda"),
     )
     scheduler = training_scheduler(pipeline)
     generator = torch.Generator().manual_seed(settings.seed)
@@ -218,12 +222,14 @@ def run(parts, targets: list[Target], settings: EraseSettings,
     anchors = [fill(template, t.anchor) for t in targets if t.anchor for template in t.templates]
     frozen = frozen_conditioning(pipeline, family, keep + anchors + ([""] if settings.until else []), resolution, dtype)
     losses, retains, trajectory = [], [], []
+    device = unet.device
     steps = settings.steps or sum(settings.step_count(t.image_count) for t in targets)
     for step in range(steps):
         index = step % len(targets)  # several concepts take turns, each with its own pictures
         target, picked = targets[index], next(streams[index])
         chosen_templates = [captions_rng.choice(target.templates) for _ in picked]
-        cond = conditioning(pipeline, family, [fill(t, target.concept) for t in chosen_templates], resolution, dtype)
+        cond = conditioning(pipeline, family, [fill(t, target.concept) for t in chosen_templates], resolution, dtype,
+                            device)
         noisy, timesteps, goal = noised(target.latents[picked], scheduler, generator)
         prediction = unet(noisy, timesteps, **cond).sample.float()
         loss = F.mse_loss(prediction, goal.float())
@@ -241,7 +247,7 @@ def run(parts, targets: list[Target], settings: EraseSettings,
         entry = {"concept": target.concept, "loss": loss.item()}
         if keep:
             chosen = captions_rng.sample(keep, min(settings.preserve_batch, len(keep)))
-            retain = retain_loss(conditioning(pipeline, family, chosen, resolution, dtype), stacked(frozen, chosen))
+            retain = retain_loss(conditioning(pipeline, family, chosen, resolution, dtype, device), stacked(frozen, chosen))
             objective = objective + settings.preserve_weight * retain
             retains.append(retain.item())
             entry["retain"] = retain.item()

@@ -6,8 +6,12 @@ from __future__ import annotations
 import click
 
 from .. import __version__
+from .apply import apply_command
+from .bench import bench_command
 from .compare import compare_command
 from .erase import erase_command
+from .export import export_command
+from .inspect import inspect_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -23,3 +27,7 @@ def main():
 
 main.add_command(erase_command)
 main.add_command(compare_command)
+main.add_command(bench_command)
+main.add_command(apply_command)
+main.add_command(export_command)
+main.add_command(inspect_command)

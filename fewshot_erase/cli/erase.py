@@ -34,6 +34,7 @@ from .render import handled, print_json, rich_progress
 @click.option("--no-flip", is_flag=True, help="Do not add mirrored copies of the images.")
 @click.option("--device", help="cpu, cuda, cuda:N (default: cuda if available).")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), help="Dtype of the frozen UNet and VAE.")
+@click.option("--low-memory", is_flag=True, help="Trade speed for GPU memory (recompute UNet activations in the backward pass).")
 @click.option("--config", type=click.Path(), help="Single-file checkpoints: a folder of diffusers configs for a non-standard architecture.")
 @click.option("--allow-pickle", is_flag=True, help="Accept .ckpt/.pt/.bin checkpoints (loaded with weights_only=True).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder (atomically).")
@@ -41,14 +42,16 @@ from .render import handled, print_json, rich_progress
 @click.option("-q", "--quiet", is_flag=True, help="No progress, no summary; errors only.")
 def erase_command(concept, images, output, model, style, templates, seed, steps, epochs, lr, batch_size, resolution,
                   train, encoder, concept_options, manifest, anchor, preserve, preserve_file, preserve_weight,
-                  no_preserve, until, no_flip, device, dtype, config, allow_pickle, overwrite, as_json, quiet):
+                  no_preserve, until, no_flip, device, dtype, low_memory, config, allow_pickle, overwrite, as_json,
+                  quiet):
     """Erase CONCEPT using a few real images of it (files or folders).
 
     Several concepts at once: --concept NAME=DIR (repeated) or --manifest FILE instead of CONCEPT IMAGE_OR_DIR."""
     chosen = {
         "style": style or None, "templates": tuple(templates) or None, "seed": seed, "steps": steps, "epochs": epochs,
         "lr": lr, "batch_size": batch_size, "resolution": resolution, "train": train, "encoder": encoder,
-        "flip": False if no_flip else None, "device": device, "dtype": dtype, "until": until,
+        "flip": False if no_flip else None, "device": device, "dtype": dtype, "low_memory": low_memory or None,
+        "until": until,
         "preserve_weight": 0.0 if no_preserve else preserve_weight,
     }
     with handled(quiet):
@@ -60,7 +63,7 @@ def erase_command(concept, images, output, model, style, templates, seed, steps,
                 raise click.UsageError("give either CONCEPT IMAGE_OR_DIR... (with --anchor) or --concept/--manifest, not both")
             specs = [concepts.parse_concept_option(value) for value in concept_options]
             specs += concepts.read_manifest(manifest) if manifest else []
-        elif concept is None or not images:
+        elif concept is None:
             raise click.UsageError("missing CONCEPT and IMAGE_OR_DIR...; e.g. fewshot-erase erase seven sample_images/seven -o erased/")
         else:
             specs = [concepts.ConceptSpec(concept, images, style, anchor)]

@@ -4,82 +4,139 @@ file system, so the final rename is atomic) and renamed into place only when com
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from pathlib import Path
 
 from ..errors import BadInput, RunFailure
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+TAKEN = (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR)  # what a rename onto an existing path says
+
 
 def check_target(target: Path, overwrite: bool, inputs: tuple[Path, ...] = ()) -> Path:
-    """Refuse what would clobber or nest inside the user's inputs, before any work is done."""
+    """Refuse what would clobber, nest inside or (with --overwrite) delete the user's inputs, before any work."""
     target = Path(target).expanduser()
     resolved = target.resolve()
-    if target.exists() and not overwrite:
-        raise BadInput(f"output {target} already exists; choose another path or pass --overwrite")
     for source in inputs:
         source = Path(source).resolve()
         if resolved == source:
             raise BadInput(f"output {target} is the same path as the input {source}; write to a new path")
         if source.is_dir() and resolved.is_relative_to(source):
             raise BadInput(f"output {target} is inside the input folder {source}; write it somewhere else")
+        if source.is_relative_to(resolved):
+            raise BadInput(f"output {target} contains the input {source}, which replacing it would delete; write it somewhere else")
+    if target.exists() and not overwrite:
+        raise BadInput(f"output {target} already exists; choose another path or pass --overwrite")
     parent = resolved.parent
     if not parent.is_dir():
         raise BadInput(f"the folder {parent} for output {target} does not exist; create it first")
-    if not os.access(parent, os.W_OK):
-        raise BadInput(f"cannot write to {parent} (read-only or no permission); choose a writable output path")
+    _check_writable(parent, target)
     return target
 
 
-def _replace(staging: Path, target: Path, overwrite: bool) -> None:
-    if target.exists() or target.is_symlink():
-        if not overwrite:
-            raise BadInput(f"output {target} appeared while this run was working; choose another path or pass --overwrite")
-        # Move the old output aside first so the new one lands by a single rename; then drop the old.
-        trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        os.replace(target, trash / "old")
-        try:
-            os.rename(staging, target)
-        except OSError:
-            os.replace(trash / "old", target)
-            raise
-        finally:
-            shutil.rmtree(trash, ignore_errors=True)
+def _check_writable(folder: Path, target: Path) -> None:
+    """Try it rather than trust permission bits: they do not bind root, and a read-only mount shows only on writing."""
+    try:
+        probe = tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=folder)
+    except OSError as error:
+        raise BadInput(f"cannot write to {folder} ({error.strerror or error}); choose a writable output path") from None
+    os.rmdir(probe)
+
+
+def _write_failed(target: Path, error: OSError) -> str:
+    reason = error.strerror or str(error)
+    if error.errno in DISK_FULL:
+        return f"writing {target} failed: the disk is full ({reason}); nothing was written. Free space or choose another path"
+    if error.errno in NOT_WRITABLE:
+        return f"writing {target} failed ({reason}); nothing was written. Choose a writable output path"
+    return f"writing {target} failed ({reason}); nothing was written. Check the disk or choose another path"
+
+
+@contextlib.contextmanager
+def _interrupts_held():
+    """Ctrl-C between moving the old output aside and renaming the new one in would lose both. The renames take
+    microseconds, so an interrupt arriving then waits for them, and the run, complete by then, stands."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
         return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: None)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+
+
+def _rename_new(staging: Path, target: Path) -> None:
     try:
         os.rename(staging, target)
-    except OSError as error:  # another run won the race to create the same output
-        raise RunFailure(f"output {target} was created by another run at the same time ({error.strerror}); nothing of this run was kept") from None
+    except OSError as error:
+        if error.errno in TAKEN:  # another run won the race to create the same output
+            raise RunFailure(f"output {target} was created by another run at the same time; nothing of this run was kept") from None
+        raise
+
+
+def _replace(staging: Path, target: Path, overwrite: bool) -> None:
+    with _interrupts_held():
+        if not (target.exists() or target.is_symlink()):
+            _rename_new(staging, target)
+            return
+        if not overwrite:
+            raise RunFailure(f"output {target} appeared while this run was working (another run?); nothing of this run was kept. Choose another path or pass --overwrite")
+        # Move the old output aside first so the new one lands by a single rename; then drop the old. Should the
+        # rename fail, the old output goes back; should even that fail, it stays whole in the .old- folder.
+        trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        try:
+            os.replace(target, trash / "old")
+        except FileNotFoundError:
+            os.rmdir(trash)
+            raise RunFailure(f"output {target} was replaced by another run at the same time; nothing of this run was kept") from None
+        try:
+            _rename_new(staging, target)
+        except BaseException:
+            os.replace(trash / "old", target)
+            os.rmdir(trash)
+            raise
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 @contextlib.contextmanager
 def staged_folder(target: Path, overwrite: bool):
     """Yield an empty staging folder; on success it becomes `target`, on any failure it is removed."""
     target = Path(target)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    staging = None
     try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
         yield staging
         _replace(staging, target, overwrite)
     except OSError as error:
-        raise RunFailure(f"writing {target} failed ({error.strerror or error}); nothing was written. Free disk space or choose another path") from None
+        raise RunFailure(_write_failed(target, error)) from None
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 @contextlib.contextmanager
 def staged_file(target: Path, overwrite: bool):
     """Yield a staging file path beside `target`; on success it is renamed to `target`."""
     target = Path(target)
-    handle, name = tempfile.mkstemp(prefix=f".{target.name}.partial-", dir=target.parent)
-    os.close(handle)
-    staging = Path(name)
+    staging = None
     try:
+        handle, name = tempfile.mkstemp(prefix=f".{target.name}.partial-", dir=target.parent)
+        os.close(handle)
+        staging = Path(name)
         yield staging
-        if target.exists() and not overwrite:
-            raise BadInput(f"output {target} appeared while this run was working; choose another path or pass --overwrite")
-        os.replace(staging, target)
+        with _interrupts_held():
+            if target.exists() and not overwrite:
+                raise RunFailure(f"output {target} appeared while this run was working (another run?); nothing of this run was kept. Choose another path or pass --overwrite")
+            os.replace(staging, target)
     except OSError as error:
-        raise RunFailure(f"writing {target} failed ({error.strerror or error}); nothing was written. Free disk space or choose another path") from None
+        raise RunFailure(_write_failed(target, error)) from None
     finally:
-        staging.unlink(missing_ok=True)
+        if staging is not None:
+            staging.unlink(missing_ok=True)

@@ -1,0 +1,55 @@
+"""`fewshot-erase export OUT --format delta|lora-kohya|lora-diffusers -o FILE`"""
+
+from __future__ import annotations
+
+import contextlib
+
+import click
+
+from ..patches import EXPORT_FORMATS
+from .render import handled, print_json, stderr
+
+
+@click.command("export")
+@click.argument("output", metavar="OUT")
+@click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), required=True,
+              help="delta: the fp16 feed-forward differences; lora-kohya / lora-diffusers: their low-rank factors.")
+@click.option("--rank", type=int, help="LoRA rank (default: the measured one, see the README).")
+@click.option("-o", "--file", "target", required=True, type=click.Path(), help="The .safetensors file to write.")
+@click.option("--model", help="The base model, if not where OUT's erase.json says (the differences need it).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing FILE (atomically).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON report on stdout and nothing else there.")
+@click.option("-q", "--quiet", is_flag=True, help="No report; errors only.")
+def export_command(output, fmt, rank, target, model, overwrite, as_json, quiet):
+    """Write the erase in OUT as a small patch file that `apply`, A1111, ComfyUI or diffusers load.
+
+    A LoRA's report gives each layer's relative reconstruction error and how far its embeddings of the erased
+    prompts stay from the full patch's."""
+    with handled(quiet):
+        from ..patches import export
+
+        status = contextlib.nullcontext() if quiet or as_json else stderr.status(f"exporting {fmt}")
+        with status:
+            result = export(output, fmt, target, rank=rank, model=model, overwrite=overwrite)
+    if as_json:
+        print_json(result.summary())
+    elif not quiet:
+        _show(result)
+
+
+def _show(result) -> None:
+    report = result.report
+    if "layers" in report:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table("layer", "relative error", box=None)
+        for layer, error in report["layers"].items():
+            table.add_row(layer, f"{error:.4f}")
+        Console(highlight=False).print(table)
+        click.echo(f"rank {report['rank']}: embeddings of the {report['prompts']} erased prompts within "
+                   f"{report['embedding_error']:.2%} of the full patch's; {report['effect_error']:.2%} of its effect "
+                   f"missed (biases {report['biases']})")
+    else:
+        click.echo(f"{report['tensors']} differences in fp16 (rounding error at most {report['rounding_error']:.2e})")
+    click.echo(f"wrote {result.output}")

@@ -1,0 +1,55 @@
+"""`fewshot-erase inspect PATH [--patch PATCH]`"""
+
+from __future__ import annotations
+
+import click
+
+from .render import handled, print_json
+
+
+@click.command("inspect")
+@click.argument("path", metavar="PATH")
+@click.option("--patch", help="An erase output folder or exported patch: does it fit the checkpoint at PATH?")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON on stdout.")
+def inspect_command(path, patch, as_json):
+    """What PATH is: a checkpoint, a pipeline folder, an erase output or a patch; its family, text encoders and
+    erase records, and with --patch whether that patch fits it."""
+    with handled():
+        from ..inspect import inspect
+
+        report = inspect(path, patch)
+    if as_json:
+        print_json(report)
+    else:
+        _show(report)
+
+
+def _show(report: dict) -> None:
+    click.echo(f"{report['path']}: {report['kind']}, {report['family_label']}")
+    for encoder, facts in report["text_encoders"].items():
+        click.echo(f"  {encoder}: " + ", ".join(f"{key} {_text(value)}" for key, value in facts.items()))
+    for record in report["records"]:
+        base = record["base"]
+        settings = record["settings"]
+        click.echo(f"  erased {record['concept']!r} with {len(record['images'])} images from {base['model']} "
+                   f"(lr {settings['lr']}, {record.get('steps')} steps, train {settings['train']})")
+        for encoder, identity in base["text_encoders"].items():
+            click.echo(f"    base {encoder} sha256 {identity['sha256']}")
+        for image in record["images"]:
+            click.echo(f"    image {image['name']} sha256 {image['sha256']}")
+        if "export" in record:
+            click.echo(f"    exported as {record['export']['format']}" + (f", rank {record['export']['rank']}" if "rank" in record["export"] else ""))
+        if "applied" in record:
+            matched = "its base" if record["applied"]["base_matched"] else "another model than its base (--force)"
+            click.echo(f"    applied from the {record['applied']['patch']} to {matched}")
+    if "patch" in report:
+        patch = report["patch"]
+        if patch["fits"]:
+            click.echo(f"  patch {patch['path']} fits: this is its base")
+        else:
+            reason = patch.get("reason") or f"{len(patch['differing'])} feed-forward tensors differ from its base"
+            click.echo(f"  patch {patch['path']} does not fit: {reason}")
+
+
+def _text(value) -> str:
+    return ", ".join(map(str, value)) if isinstance(value, list) else str(value)

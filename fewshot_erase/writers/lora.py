@@ -1,0 +1,173 @@
+"""`export --format lora-kohya|lora-diffusers`: each feed-forward weight difference as low-rank factors (its
+truncated SVD), under key names the ecosystem loads, with the erase record and what the export measured.
+
+Two flavours of the same factors. kohya's (`lora_te_..._mlp_fc1.lora_down/lora_up/alpha`, SDXL `lora_te1_`/`lora_te2_`)
+is what A1111, ComfyUI and diffusers all read. diffusers' is its own text-encoder naming
+(`text_encoder.<module>.lora_linear_layer.down/up`): diffusers cannot load a text-encoder LoRA named peft's way
+(`lora_A`/`lora_B`) that touches only fc1/fc2, since its peft-to-diffusers key table has rows for attention only.
+alpha equals the rank, so every loader applies the factors at scale 1.
+
+The erase also moves fc1/fc2's biases. kohya's keys have no place for them (diffusers refuses a kohya file with
+ComfyUI's `diff_b` keys), so that flavour leaves them out; diffusers' carries them as `up.bias` (peft's lora_bias).
+The reported errors say what leaving them out costs.
+"""
+
+from __future__ import annotations
+
+import json
+
+from .. import safetensors_file
+from ..errors import BadInput
+from ..families import SDXL
+from .text_encoder import METADATA_KEY
+
+FLAVOURS = ("lora-kohya", "lora-diffusers")
+# The smallest rank whose embeddings stayed within 1% of the full patch's effect on the tiny test models and the
+# demo model (docs/patches.md says how it was measured).
+DEFAULT_RANK = 8
+KOHYA_PREFIXES = {
+    "sd1": {"text_encoder": "lora_te_"},
+    "sd2": {"text_encoder": "lora_te_"},
+    "sdxl": {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"},
+}
+ENCODER_CLASSES = {"text_encoder": "CLIPTextModel", "text_encoder_2": "CLIPTextModelWithProjection"}
+
+
+def lora_keys(flavour: str, family: str, encoder: str, module: str) -> dict[str, str]:
+    """The file's key for each part of one module's LoRA, `module` named canonically (text_model.encoder...fc1)."""
+    if flavour == "lora-kohya":
+        name = KOHYA_PREFIXES[family][encoder] + module.replace(".", "_")  # kohya flattens the module path
+        return {"down": f"{name}.lora_down.weight", "up": f"{name}.lora_up.weight", "alpha": f"{name}.alpha"}
+    name = f"{encoder}.{module}.lora_linear_layer"
+    return {"down": f"{name}.down.weight", "up": f"{name}.up.weight", "bias": f"{name}.up.bias"}
+
+
+def factorise(difference, rank: int):
+    """up @ down, the best rank-`rank` approximation of `difference`; the singular values are split evenly between
+    the factors so that neither underflows in fp16."""
+    import torch
+
+    u, s, vh = torch.linalg.svd(difference.float(), full_matrices=False)
+    root = s[:rank].sqrt()
+    return u[:, :rank] * root, root[:, None] * vh[:rank]
+
+
+def _relative(error, reference) -> float:
+    size = reference.norm().item()
+    return error.norm().item() / size if size > 0 else 0.0
+
+
+def write_lora(path, flavour: str, patch, base: dict, differences: dict, rank: int, record: dict) -> dict:
+    """Write the file; return the report (also stored in the record): each layer's relative reconstruction error
+    and the effect on the erased prompts' embeddings against the full patch."""
+    import torch
+
+    tensors, layers, approximate = {}, {}, {}
+    for encoder, changes in differences.items():
+        for name, difference in sorted(changes.items()):
+            module, param = name.rsplit(".", 1)
+            keys = lora_keys(flavour, patch.family.name, encoder, module)
+            if param == "bias":
+                if "bias" in keys:
+                    tensors[keys["bias"]] = difference.to(torch.float16)
+                    approximate.setdefault(encoder, {})[name] = tensors[keys["bias"]].float()
+                continue
+            up, down = (factor.to(torch.float16).contiguous() for factor in factorise(difference, rank))
+            tensors[keys["up"]], tensors[keys["down"]] = up, down
+            if "alpha" in keys:
+                tensors[keys["alpha"]] = torch.tensor(float(down.shape[0]), dtype=torch.float16)
+            approximate.setdefault(encoder, {})[name] = up.float() @ down.float()
+            layers[f"{encoder}:{module.removeprefix('text_model.encoder.')}"] = _relative(approximate[encoder][name] - difference, difference)
+    report = {"format": flavour, "rank": rank, "dtype": "float16", "biases": "kept" if flavour == "lora-diffusers" else "left out",
+              "layers": layers, **embedding_errors(patch, base, differences, approximate)}
+    metadata = {"format": "pt", METADATA_KEY: json.dumps({**record, "export": report}, sort_keys=True)}
+    safetensors_file.write(path, tensors, metadata)
+    return report
+
+
+def reader(flavour: str):
+    """The differences a LoRA file of `flavour` adds, for `apply`: up @ down * alpha / rank per weight."""
+
+    def differences(tensors: dict, record: dict, family) -> dict:
+        found = {}
+        for encoder, names in record["trained_tensors"].items():
+            for name in names:
+                module, param = name.rsplit(".", 1)
+                keys = lora_keys(flavour, family.name, encoder, module)
+                if param == "bias":
+                    if keys.get("bias") in tensors:
+                        found.setdefault(encoder, {})[name] = tensors[keys["bias"]]
+                    continue
+                if keys["up"] not in tensors or keys["down"] not in tensors:
+                    raise BadInput(f"LoRA patch lacks {keys['down']!r} or {keys['up']!r}; the file is damaged or incomplete, export it again")
+                up, down = tensors[keys["up"]].float(), tensors[keys["down"]].float()
+                scale = tensors[keys["alpha"]].item() / down.shape[0] if "alpha" in keys else 1.0
+                found.setdefault(encoder, {})[name] = up @ down * scale
+        return found
+
+    return differences
+
+
+def erased_prompts(record: dict) -> list[str]:
+    from ..prompts import fill
+
+    return [fill(template, concept["concept"]) for concept in record["concepts"] for template in concept["templates"]]
+
+
+def embedding_errors(patch, base: dict, full: dict, approximate: dict) -> dict:
+    """How far the LoRA leaves the erased prompts' conditioning from where the full patch puts it, relative to
+    that conditioning (`embedding_error`) and to how far the full patch moved it from the base's (`effect_error`,
+    the share of the erase's effect that the LoRA misses: the stricter measure, since an erase moves the
+    embeddings only a little)."""
+    pipeline = text_only_pipeline(patch.source, patch.family)
+    prompts = erased_prompts(patch.record)
+    embeddings = {}
+    for variant, changes in (("base", {}), ("full", full), ("lora", approximate)):
+        _set_feed_forward(pipeline, base, changes)
+        embeddings[variant] = conditioning(pipeline, patch.family, prompts)
+    missed = embeddings["lora"] - embeddings["full"]
+    return {"embedding_error": _relative(missed, embeddings["full"]),
+            "effect_error": _relative(missed, embeddings["full"] - embeddings["base"]), "prompts": len(prompts)}
+
+
+def text_only_pipeline(output, family):
+    """The family's pipeline with only the erase output's text encoders and their tokenizers: its
+    `encode_prompt` builds the UNet's conditioning exactly as generation does."""
+    import diffusers
+    import transformers
+
+    from ..models import family_tokenizers, quiet_libraries
+    from .text_encoder import encoder_folder
+
+    quiet_libraries()
+    parts = family_tokenizers(family)
+    for encoder in family.encoders:
+        cls = getattr(transformers, ENCODER_CLASSES[encoder])
+        parts[encoder] = cls.from_pretrained(str(encoder_folder(output, family, encoder))).eval()
+    extra = {} if family is SDXL else {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    return getattr(diffusers, family.pipeline_class)(vae=None, unet=None, scheduler=None, **parts, **extra)
+
+
+def _set_feed_forward(pipeline, base: dict, changes: dict) -> None:
+    import torch
+
+    from ..keys import canonical_clip_key
+
+    with torch.no_grad():
+        for encoder, originals in base.items():
+            parameters = {canonical_clip_key(n): p for n, p in getattr(pipeline, encoder).named_parameters()}
+            for name, original in originals.items():
+                change = changes.get(encoder, {}).get(name)
+                parameters[name].copy_(original.float() + change if change is not None else original.float())
+
+
+def conditioning(pipeline, family, prompts: list[str]):
+    """The UNet's conditioning for `prompts`, flattened: SDXL's includes the pooled embedding."""
+    import torch
+
+    with torch.no_grad():
+        if family is SDXL:
+            embeds, _, pooled, _ = pipeline.encode_prompt(prompt=prompts, device="cpu", num_images_per_prompt=1,
+                                                          do_classifier_free_guidance=False)
+            return torch.cat([embeds.flatten(), pooled.flatten()])
+        return pipeline.encode_prompt(prompts, "cpu", 1, False)[0].flatten()
