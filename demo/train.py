@@ -108,6 +108,16 @@ def train_vae(x, steps, batch, lr, seed, log):
     return vae
 
 
+def make_scheduler(name="DDIMScheduler"):
+    import inspect
+
+    import diffusers
+
+    cls = getattr(diffusers, name)
+    ok = inspect.signature(cls.__init__).parameters
+    return cls(**{k: v for k, v in SCHEDULER_KW.items() if k in ok})
+
+
 def save_text_encoder(te, path):
     """Canonical SD-1 key names (text_model.*), fp16, metadata {"format": "pt"}."""
     from safetensors.torch import save_file
@@ -116,6 +126,14 @@ def save_text_encoder(te, path):
     cfg = copy.deepcopy(te.config)
     cfg.architectures = ["CLIPTextModel"]
     cfg.save_pretrained(path)
+    # weights are stored in fp16 (size); record float32 so dtype="auto" loading upcasts them
+    cj = os.path.join(path, "config.json")
+    with open(cj) as fh:
+        c = json.load(fh)
+    c["dtype"] = "float32"
+    with open(cj, "w") as fh:
+        json.dump(c, fh, indent=2, sort_keys=True)
+        fh.write("\n")
     sd = {}
     for k, v in te.state_dict().items():
         k2 = k if k.startswith("text_model.") else "text_model." + k
@@ -137,10 +155,8 @@ def save_pipeline(out, vae, te, unet, scheduler_cls="DDIMScheduler"):
     save_text_encoder(te, os.path.join(out, "text_encoder"))
     os.makedirs(os.path.join(out, "tokenizer"))
     for f in TOKENIZER_FILES:
-        shutil.copy(os.path.join(TOKENIZER_DIR, f), os.path.join(out, "tokenizer", f))
-    getattr(diffusers, scheduler_cls)(**{k: v for k, v in SCHEDULER_KW.items()
-                                         if k in getattr(diffusers, scheduler_cls).__init__.__code__.co_varnames}
-                                      ).save_pretrained(os.path.join(out, "scheduler"))
+        shutil.copyfile(os.path.join(TOKENIZER_DIR, f), os.path.join(out, "tokenizer", f))
+    make_scheduler(scheduler_cls).save_pretrained(os.path.join(out, "scheduler"))
     index = {
         "_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
         "feature_extractor": [None, None], "image_encoder": [None, None],
@@ -158,15 +174,19 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(REPO, "fewshot_erase", "demo"))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--vae-steps", type=int, default=1500)
-    ap.add_argument("--steps", type=int, default=20000)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--ema", type=float, default=0.999)
+    ap.add_argument("--vae-steps", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=900)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--captions-per-step", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--ema", type=float, default=0.995)
     ap.add_argument("--scheduler", default="DDIMScheduler")
     ap.add_argument("--stats", default=None, help="where to write training stats JSON")
+    ap.add_argument("--threads", type=int, default=2, help="1 when the machine is busy: two spin-waiting threads on a shared core run many times slower")
+    ap.add_argument("--resume", default=None, help="continue from a checkpoint this script saved (second stage)")
+    ap.add_argument("--checkpoint", default=os.path.join("/tmp", "fewshot_erase_demo_ckpt.pt"))
     args = ap.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     t_start = time.time()
@@ -181,7 +201,15 @@ def main(argv=None):
     x = to_pixels(x8)
     log(f"train split: {len(y)} images")
 
-    vae = train_vae(x, args.vae_steps, 64, 1e-3, args.seed, log)
+    resumed = torch.load(args.resume, weights_only=True) if args.resume else None
+    if resumed:
+        # Second stage: the first taught the UNet what digits look like; this one, with one caption per image
+        # and many more steps, teaches the text encoder which word is which digit.
+        vae = make_vae()
+        vae.load_state_dict(resumed["vae"])
+        vae.eval()
+    else:
+        vae = train_vae(x, args.vae_steps, 64, 1e-3, args.seed, log)
     with torch.no_grad():
         post = vae.encode(x).latent_dist
         mu, sd = post.mean, post.std
@@ -198,10 +226,14 @@ def main(argv=None):
     caps = [""] + [c for d in range(10) for c in data.training_captions(d)]
     ids = tok(caps, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     per_digit = len(data.training_captions(0))
+    by_digit = [np.nonzero(y == d)[0] for d in range(10)]
 
     torch.manual_seed(args.seed + 1)
     te = CLIPTextModel(text_config())
     unet = make_unet()
+    if resumed:
+        te.load_state_dict(resumed["te"])
+        unet.load_state_dict(resumed["unet"])
     te.train(); unet.train()
     ema_te, ema_unet = copy.deepcopy(te).eval(), copy.deepcopy(unet).eval()
     for p in list(ema_te.parameters()) + list(ema_unet.parameters()):
@@ -219,20 +251,27 @@ def main(argv=None):
     run = 0.0
     for step in range(args.steps):
         for grp in opt.param_groups:
-            grp["lr"] = lr_at(step, args.steps, args.lr, 500)
-        bi = torch.randint(len(y), (args.batch,), generator=g)
+            grp["lr"] = lr_at(step, args.steps, args.lr, min(500, args.steps // 10))
+        # k distinct captions per step (text encoder cost), batch/k images per caption
+        k = args.captions_per_step
         ci = []
-        for j in bi.tolist():
+        for _ in range(k):
             if rng.random() < data.EMPTY_CAPTION_SHARE:
                 ci.append(0)
             else:
-                ci.append(1 + int(y[j]) * per_digit + int(rng.integers(per_digit)))
+                ci.append(1 + int(rng.integers(len(caps) - 1)))
+        m = args.batch // k
+        bi = []
+        for c in ci:
+            pool = np.arange(len(y)) if c == 0 else by_digit[(c - 1) // per_digit]
+            bi.extend(pool[rng.integers(len(pool), size=m)].tolist())
+        bi = torch.tensor(bi)
         z0 = (mu[bi] + sd[bi] * torch.randn(mu[bi].shape, generator=g)) * scaling
         t = torch.randint(0, 1000, (args.batch,), generator=g)
         eps = torch.randn(z0.shape, generator=g)
         a = acp[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
-        cond = te(ids[ci])[0]
+        cond = te(ids[ci])[0].repeat_interleave(m, dim=0)
         pred = unet(zt, t, encoder_hidden_states=cond).sample
         loss = F.mse_loss(pred, eps)
         opt.zero_grad(set_to_none=True)
@@ -243,12 +282,16 @@ def main(argv=None):
         ema_update(ema_te, te, decay)
         ema_update(ema_unet, unet, decay)
         run = 0.98 * run + 0.02 * loss.item() if step else loss.item()
-        if step % 500 == 0 or step == args.steps - 1:
+        if step % 50 == 0 or step == args.steps - 1:
             el = time.time() - t0
             log(f"step {step} loss {run:.4f} lr {opt.param_groups[0]['lr']:.2e} "
                 f"{el/(step+1)*1000:.0f}ms/step eta {el/(step+1)*(args.steps-step-1)/60:.1f}min")
     wall = time.time() - t_start
+    torch.save({"vae": vae.state_dict(), "te": ema_te.state_dict(), "unet": ema_unet.state_dict()}, args.checkpoint)
     save_pipeline(args.out, vae, ema_te, ema_unet, args.scheduler)
+    for root, _, files in os.walk(args.out):
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o644)
     stats = {"train_wall_seconds": round(wall, 1), "vae_recon_judge_acc": vae_acc, "vae_scaling_factor": scaling,
              "final_running_loss": run, "args": vars(args),
              "params": {"text_encoder": sum(p.numel() for p in te.parameters()),
