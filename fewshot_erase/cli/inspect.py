@@ -28,6 +28,8 @@ def _show(report: dict) -> None:
     click.echo(f"{report['path']}: {report['kind']}, {report['family_label']}")
     for encoder, facts in report["text_encoders"].items():
         click.echo(f"  {encoder}: " + ", ".join(f"{key} {_text(value)}" for key, value in facts.items()))
+    if not report["records"]:
+        click.echo("  no erase record")
     for record in report["records"]:
         base = record["base"]
         settings = record["settings"]

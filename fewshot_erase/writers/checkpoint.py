@@ -31,7 +31,8 @@ def with_patch_record(metadata: dict, patch, differing: list[str]) -> dict:
             record["applied"]["over"] = json.loads(metadata[METADATA_KEY])
         except json.JSONDecodeError:  # another tool's damage is kept as found, not repaired
             record["applied"]["over"] = metadata[METADATA_KEY]
-    return {**metadata, METADATA_KEY: json.dumps(record, sort_keys=True)}
+    # transformers 4.x refuses a weights file with metadata but no "format" (it takes no metadata as "pt").
+    return {"format": "pt", **metadata, METADATA_KEY: json.dumps(record, sort_keys=True)}
 
 
 def tensor_bytes(tensor) -> bytes:
