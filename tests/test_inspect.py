@@ -1,0 +1,94 @@
+"""`fewshot-erase inspect PATH [--patch PATCH]`: what a file or folder is (a single-file checkpoint, a pipeline folder,
+an erase output, an exported patch), its family and text encoders, the erase records it carries, and whether a patch
+fits it."""
+
+import json
+
+import pytest
+import torch
+
+from helpers import run_cli
+from test_apply import erased  # noqa: F401 (the session's erase outputs, shared with apply's tests)
+
+ENCODERS = {
+    "sd1": {"text_encoder": ("CLIP ViT-L", 3)},
+    "sd2": {"text_encoder": ("OpenCLIP ViT-H", 4)},  # the file's unused last block counts here
+    "sdxl": {"text_encoder": ("CLIP ViT-L", 3), "text_encoder_2": ("OpenCLIP ViT-bigG", 3)},
+}
+
+
+def inspect(*arguments) -> dict:
+    result = run_cli("inspect", *arguments, "--json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_a_single_file_checkpoint_is_described_by_family_and_text_encoders(tiny_model, family):
+    report = inspect(tiny_model(family).single_file)
+    assert report["kind"] == "single-file checkpoint" and report["family"] == family and report["records"] == []
+    described = {name: (facts["layout"], facts["layers"]) for name, facts in report["text_encoders"].items()}
+    assert described == ENCODERS[family]
+    assert all(facts["dtypes"] == ["F32"] for facts in report["text_encoders"].values())
+
+
+def test_a_patched_checkpoint_shows_its_erase_record_and_whether_a_patch_fits(erased, tmp_path):
+    tiny, output = erased("sd1")
+    new = tmp_path / "erased.safetensors"
+    assert run_cli("apply", output, tiny.single_file, "-o", new).exit_code == 0
+
+    report = inspect(new, "--patch", output)
+    record = report["records"][0]
+    assert record["concept"] == "tiny robot" and len(record["images"]) == 3
+    assert record["base"]["family"] == "sd1" and len(record["base"]["text_encoders"]["text_encoder"]["sha256"]) == 64
+    assert record["settings"]["lr"] == 1e-3 and record["applied"]["base_matched"] is True
+    assert report["patch"]["fits"] is False and len(report["patch"]["differing"]) == 12  # it is patched already
+    assert inspect(tiny.single_file, "--patch", output)["patch"] == {"path": str(output), "kind": "erase output",
+                                                                      "fits": True, "differing": []}
+
+
+def test_erase_outputs_exported_patches_and_pipeline_folders_are_told_apart(erased, tmp_path):
+    tiny, output = erased("sdxl")
+    assert run_cli("export", output, "--format", "lora-kohya", "-o", tmp_path / "lora.safetensors").exit_code == 0
+    assert inspect(output)["kind"] == "erase output"
+    exported = inspect(tmp_path / "lora.safetensors")
+    assert exported["kind"] == "lora-kohya patch" and exported["records"][0]["export"]["rank"] >= 1
+    folder = inspect(tiny.folder, "--patch", tmp_path / "lora.safetensors")
+    assert folder["kind"] == "diffusers pipeline" and folder["family_label"] == "SDXL"
+    assert folder["text_encoders"]["text_encoder_2"]["files"] == ["text_encoder_2/model.safetensors"]
+    assert folder["patch"]["fits"] is True
+
+
+def test_a_patch_for_another_family_does_not_fit_and_says_why(erased, tiny_model):
+    _, output = erased("sd1")
+    verdict = inspect(tiny_model("sd2").single_file, "--patch", output)["patch"]
+    assert verdict["fits"] is False and "made on an SD 1.x model" in verdict["reason"]
+
+
+def test_the_text_report_names_what_a_user_asks(erased, tmp_path):
+    tiny, output = erased("sd1")
+    result = run_cli("inspect", tiny.single_file, "--patch", output)
+    assert result.exit_code == 0
+    assert "single-file checkpoint, SD 1.x" in result.stdout and "fits" in result.stdout
+    described = run_cli("inspect", output).stdout
+    assert "erased 'tiny robot' with 3 images" in described and "sha256" in described
+
+
+def _pickle(folder):
+    torch.save({}, folder / "model.ckpt")
+    return folder / "model.ckpt"
+
+
+def _junk(folder):
+    (folder / "junk.safetensors").write_bytes(b"junk")
+    return folder / "junk.safetensors"
+
+
+@pytest.mark.parametrize("make, message", [
+    (_pickle, "pickle checkpoint"),
+    (lambda folder: folder / "missing.safetensors", "does not exist"),
+    (_junk, "too short"),
+])
+def test_what_it_cannot_read_is_one_line_and_exit_2(tmp_path, make, message):
+    result = run_cli("inspect", make(tmp_path))
+    assert result.exit_code == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
