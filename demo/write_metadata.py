@@ -26,6 +26,7 @@ def main(argv=None):
     ap.add_argument("--stats", default=os.path.join(HERE, "train_stats.json"))
     ap.add_argument("--guidance", type=float, required=True)
     ap.add_argument("--steps", type=int, required=True)
+    ap.add_argument("--erase-settings", default="{}", help="JSON: the erase settings measured for this model")
     args = ap.parse_args(argv)
     with open(args.eval) as fh:
         ev = json.load(fh)
@@ -80,6 +81,10 @@ def main(argv=None):
         "file_bytes": dict(sorted(sizes.items())),
         "total_bytes": sum(v for k, v in sizes.items() if k != "demo.json"),
     }
+    # What fewshot-erase reads: the concepts it knows (the automatic preserve set) and the erase settings measured
+    # for it, applied when the user does not choose (the published SD defaults move a 64-wide encoder not at all).
+    meta["concepts"] = list(data.DIGIT_WORDS)
+    meta["erase_settings"] = json.loads(args.erase_settings)
     with open(os.path.join(MODEL, "demo.json"), "w") as fh:
         json.dump(meta, fh, indent=1)
         fh.write("\n")
