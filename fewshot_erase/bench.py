@@ -8,8 +8,8 @@ Every case runs the real erase in fresh processes:
 
 The floor is the least a training step could cost: one forward and one backward of the frozen UNet with respect to
 its conditioning only, at the erase's batch, resolution, dtype and device. Everything the loop does beyond that (the
-text encoders forward and backward, the optimizer, tokenizing) shows up as the ratio loop / floor. Beside the cases,
-a fresh interpreter that only imports torch and the model classes: what no erase can avoid paying.
+text encoders forward and backward, the optimizer, tokenizing) shows up as the ratio loop / floor. Right before each
+whole-CLI run, a fresh interpreter that only imports torch and the model classes: what no erase can avoid paying.
 
 Full-size models (sd1, sd2, sdxl) are the packaged configs of the families with random weights, saved once to a
 local folder (fp16, as checkpoints are usually shipped) so that "load" is a real load from disk; the time of a step
