@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 from typing import Sequence
 
 from .errors import BadInput
@@ -83,10 +82,3 @@ def check_concept(concept: str) -> str:
 def fill(template: str, concept: str) -> str:
     return template.replace("{}", concept)
 
-
-def captions(templates: Sequence[str], concept: str) -> list[str]:
-    return [fill(t, concept) for t in templates]
-
-
-def sample_captions(templates: Sequence[str], concept: str, count: int, rng: random.Random) -> list[str]:
-    return [fill(rng.choice(templates), concept) for _ in range(count)]

@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import platform
 
+from .safetensors_file import tensor_bytes
+
 RECORD_FORMAT = "fewshot-erase/1"
 # Fields that differ between two identical runs; kept out of the weights so equal runs give equal bytes.
 VOLATILE = ("timings", "images_paths", "output")
@@ -13,13 +15,11 @@ VOLATILE = ("timings", "images_paths", "output")
 
 def tensors_sha256(state: dict) -> str:
     """One hash over (name, dtype, shape, bytes) in name order: the identity of a set of weights."""
-    import torch
-
     digest = hashlib.sha256()
     for name in sorted(state):
-        tensor = state[name].detach().cpu().contiguous()
+        tensor = state[name]
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        digest.update(tensor_bytes(tensor))
     return digest.hexdigest()
 
 

@@ -101,15 +101,21 @@ TORCH_DTYPES = {  # torch dtype name -> safetensors dtype code
 }
 
 
+def tensor_bytes(tensor) -> bytes:
+    """A tensor's raw bytes as safetensors stores them (little-endian, C order), whatever its dtype."""
+    import torch
+
+    tensor = tensor.detach().cpu().contiguous()
+    return tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+
+
 def write(path: Path, tensors: dict, metadata: dict[str, str]) -> None:
     """A safetensors file whose bytes depend only on the tensors and metadata given: the library's own writer
     orders metadata keys by hash, so two identical runs would otherwise differ in their header."""
-    import torch
-
     entries, blobs, offset = {}, [], 0
     for name in sorted(tensors):
-        tensor = tensors[name].detach().cpu().contiguous()
-        data = tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+        tensor = tensors[name]
+        data = tensor_bytes(tensor)
         code = TORCH_DTYPES[str(tensor.dtype).replace("torch.", "")]
         entries[name] = {"dtype": code, "shape": list(tensor.shape), "data_offsets": [offset, offset + len(data)]}
         blobs.append(data)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from . import keys
 from .errors import RunFailure
 from .families import SDXL
-from .prompts import fill, sample_captions
+from .prompts import fill
 from .settings import EraseSettings
 
 

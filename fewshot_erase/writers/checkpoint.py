@@ -35,12 +35,6 @@ def with_patch_record(metadata: dict, patch, differing: list[str]) -> dict:
     return {"format": "pt", **metadata, METADATA_KEY: json.dumps(record, sort_keys=True)}
 
 
-def tensor_bytes(tensor) -> bytes:
-    import torch
-
-    return tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-
-
 def write_patched_file(source: Path, target: Path, header: dict, metadata: dict,
                        replacements: dict[str, Callable[[], object]]) -> None:
     """Copy `source` (whose checked header is `header`) to `target` with `metadata`, each tensor named in
@@ -56,7 +50,7 @@ def write_patched_file(source: Path, target: Path, header: dict, metadata: dict,
         shutil.copyfileobj(reader, writer, COPY_CHUNK)
         for key, make in replacements.items():
             begin, end = entries[key]["data_offsets"]
-            data = tensor_bytes(make())
+            data = safetensors_file.tensor_bytes(make())
             if len(data) != end - begin:
                 raise RunFailure(f"patched tensor {key} came out {len(data)} bytes instead of {end - begin}; nothing was written (a bug: please report it)")
             writer.seek(data_start + begin)
