@@ -40,13 +40,11 @@ def test_readme_command_runs_on_the_demo_with_its_own_settings(tmp_path):
     assert record["losses"][-1] > record["losses"][0]
 
 
-# The shipped demo model does not yet follow its prompts (its images are judged as the prompted digit at chance
-# level; see fewshot_erase/demo/demo.json "known_limitation"), so what these promise cannot be shown on it yet.
-# They stay here, unrun, as the definition of done for the demo.
-NOT_YET = pytest.mark.xfail(run=False, reason="the demo model ignores its prompts; issue 3 is open")
+# Anchors and several concepts have not been tuned or measured on the demo yet (issue 7); these stay here, unrun,
+# as the definition of done.
+NOT_YET = pytest.mark.xfail(run=False, reason="not yet measured on the demo model; issue 7 is open")
 
 
-@NOT_YET
 def test_readme_command_erases_seven_and_spares_the_others(base, tmp_path):
     parts, generation, table = base
     result = run_cli("erase", "seven", SAMPLES / "seven", "-o", tmp_path / "erased")
@@ -59,7 +57,6 @@ def test_readme_command_erases_seven_and_spares_the_others(base, tmp_path):
     assert after >= before - 0.10
 
 
-@NOT_YET
 def test_preservation_spares_the_other_digits_better_than_the_bare_method(base, tmp_path):
     parts, generation, table = base
     bare = measure(parts, generation, table_with_all_kinds(parts, generation, table), [7], {"preserve_weight": 0.0}, SEEDS, tmp_path)
