@@ -16,6 +16,8 @@ import time
 import numpy as np
 import torch
 
+from fewshot_erase.models import dtype_keyword
+
 try:
     from . import data
     from .judge import judge
@@ -33,7 +35,7 @@ def load_pipeline(path=DEFAULT_MODEL, scheduler=None):
     from diffusers.utils import logging as dlog
 
     dlog.set_verbosity_error()
-    pipe = StableDiffusionPipeline.from_pretrained(path, torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(path, **{dtype_keyword(): torch.float32})
     if scheduler:
         pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import BadInput, RunFailure
-from .models import CONFIGS_DIR, DEMO_DIR
+from .models import CONFIGS_DIR, DEMO_DIR, dtype_keyword
 
 REPORT_FORMAT = "fewshot-erase-bench/1"
 FULL_SIZE = ("sd1", "sd2", "sdxl")
@@ -261,7 +261,7 @@ def run_worker(spec: dict) -> dict:
 
     folder = Path(spec["folder"])
     dtype = getattr(torch, record["dtype"])
-    unet = UNet2DConditionModel.from_pretrained(str(folder / "unet"), torch_dtype=dtype).to(device)
+    unet = UNet2DConditionModel.from_pretrained(str(folder / "unet"), **{dtype_keyword(): dtype}).to(device)
     if spec.get("low_memory"):  # the erase recomputed activations in the backward pass; so does its floor
         unet.enable_gradient_checkpointing()
     latent_factor = 2 ** (len(AutoencoderKL.load_config(str(folder / "vae"))["block_out_channels"]) - 1)

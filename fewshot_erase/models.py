@@ -188,6 +188,14 @@ def _loader_errors() -> tuple[type[BaseException], ...]:
     return (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError)
 
 
+def dtype_keyword() -> str:
+    """diffusers renamed `torch_dtype` to `dtype` in 2026 and warns on the old name; the releases before it reject
+    the new one. The rename shipped with this message constant, so its presence tells which name to pass."""
+    from diffusers.utils import deprecation_utils
+
+    return "dtype" if hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else "torch_dtype"
+
+
 def _pipeline_class(family: families.Family):
     import diffusers
 
@@ -206,7 +214,7 @@ def _load_folder(path: Path, family: families.Family, dtype):
     # The trained encoders load straight in fp32: by way of bf16 every weight of theirs would lose precision.
     dtypes = {"default": dtype, **{name: torch.float32 for name in family.encoders}}
     try:
-        return cls.from_pretrained(str(path), torch_dtype=dtypes, **extra)
+        return cls.from_pretrained(str(path), **{dtype_keyword(): dtypes}, **extra)
     except _loader_errors() as error:
         raise BadInput(f"pipeline folder {path} could not be loaded ({first_line(error)}); check that it is complete or re-download it") from None
 
@@ -226,7 +234,8 @@ def _load_single_file(path: Path, family: families.Family, config: Path | None, 
     extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False} if family is not families.SDXL else {}
     cls = _pipeline_class(family)
     try:
-        return cls.from_single_file(str(path), config=str(config_dir), local_files_only=True, torch_dtype=dtype, **tokenizers, **extra)
+        return cls.from_single_file(str(path), config=str(config_dir), local_files_only=True,
+                                    **{dtype_keyword(): dtype}, **tokenizers, **extra)
     except _loader_errors() as error:
         if "size mismatch" in str(error) or "shape" in str(error):
             raise BadInput(f"{path}: tensor shapes do not match the {family.label} architecture; pass --config with the model's own configs") from None

@@ -153,11 +153,28 @@ def preserve_pool(preserve: tuple[str, ...], templates, rng: random.Random) -> l
     return rng.sample(pool, min(len(pool), PRESERVE_POOL))
 
 
+FROZEN_CHUNK = 16  # captions per encoder call when computing the originals: batched, but never a memory peak
+
+
 @torch.no_grad()
 def frozen_conditioning(pipeline, family, captions, resolution, dtype) -> dict[str, list[torch.Tensor]]:
     """The ORIGINAL encoder's conditioning per caption, computed once before any weight moves."""
-    return {caption: conditioning_tensors(conditioning(pipeline, family, [caption], resolution, dtype))
-            for caption in dict.fromkeys(captions)}
+    unique = list(dict.fromkeys(captions))
+    frozen = {}
+    for start in range(0, len(unique), FROZEN_CHUNK):
+        chunk = unique[start:start + FROZEN_CHUNK]
+        tensors = conditioning_tensors(conditioning(pipeline, family, chunk, resolution, dtype))
+        frozen.update({caption: [t[i:i + 1] for t in tensors] for i, caption in enumerate(chunk)})
+    return frozen
+
+
+def split_conditioning(cond: dict, count: int) -> tuple[dict, list[torch.Tensor]]:
+    """One encoder call serves both terms: the first `count` rows condition the UNet, the rest are the preserve
+    captions the retain term compares (a second call per step cost more than the extra rows)."""
+    head = {"encoder_hidden_states": cond["encoder_hidden_states"][:count]}
+    if "added_cond_kwargs" in cond:
+        head["added_cond_kwargs"] = {key: value[:count] for key, value in cond["added_cond_kwargs"].items()}
+    return head, [t[count:] for t in conditioning_tensors(cond)]
 
 
 def stacked(frozen: dict, captions: list[str]) -> list[torch.Tensor]:
@@ -173,9 +190,9 @@ def as_cond(tensors: list[torch.Tensor], like: dict) -> dict:
     return cond
 
 
-def retain_loss(current: dict, reference: list[torch.Tensor]) -> torch.Tensor:
+def retain_loss(current: list[torch.Tensor], reference: list[torch.Tensor]) -> torch.Tensor:
     """How far the patched encoder's conditioning for the preserve captions has moved from the original's."""
-    return sum(F.mse_loss(new.float(), old.float()) for new, old in zip(conditioning_tensors(current), reference))
+    return sum(F.mse_loss(new.float(), old.float()) for new, old in zip(current, reference))
 
 
 def batches(image_count: int, batch_size: int, flip: bool, generator):
@@ -235,8 +252,11 @@ def run(parts, targets: list[Target], settings: EraseSettings,
         index = step % len(targets)  # several concepts take turns, each with its own pictures
         target, picked = targets[index], next(streams[index])
         chosen_templates = [captions_rng.choice(target.templates) for _ in picked]
-        cond = conditioning(pipeline, family, [fill(t, target.concept) for t in chosen_templates], resolution, dtype,
-                            device)
+        kept = captions_rng.sample(keep, min(settings.preserve_batch, len(keep))) if keep else []
+        cond, kept_now = split_conditioning(
+            conditioning(pipeline, family, [fill(t, target.concept) for t in chosen_templates] + kept, resolution,
+                         dtype, device),
+            len(picked))
         noisy, timesteps, goal = noised(target.latents[picked], scheduler, generator)
         prediction = unet(noisy, timesteps, **cond).sample.float()
         loss = F.mse_loss(prediction, goal.float())
@@ -252,9 +272,8 @@ def run(parts, targets: list[Target], settings: EraseSettings,
         if not torch.isfinite(objective):
             raise RunFailure(f"the loss became {objective.item()} at step {step + 1}; lower --lr (now {settings.lr}) or use --dtype float32")
         entry = {"concept": target.concept, "loss": loss.item()}
-        if keep:
-            chosen = captions_rng.sample(keep, min(settings.preserve_batch, len(keep)))
-            retain = retain_loss(conditioning(pipeline, family, chosen, resolution, dtype, device), stacked(frozen, chosen))
+        if kept:
+            retain = retain_loss(kept_now, stacked(frozen, kept))
             objective = objective + settings.preserve_weight * retain
             retains.append(retain.item())
             entry["retain"] = retain.item()

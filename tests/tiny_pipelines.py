@@ -53,6 +53,8 @@ from diffusers import (
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from fewshot_erase.models import dtype_keyword
+
 FAMILIES = ("sd1", "sd2", "sdxl")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -690,7 +692,7 @@ def load_single_file_pipeline(path, family: str, config_dir=None, torch_dtype: t
         str(path),
         config=str(config_dir),
         local_files_only=True,
-        torch_dtype=torch_dtype,
+        **{dtype_keyword(): torch_dtype},
         **extra,
     )
     pipe.set_progress_bar_config(disable=True)
