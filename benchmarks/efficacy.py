@@ -89,6 +89,7 @@ def measure(parts, generation, base: dict, erased: list[int], options: dict, see
         "erase_seconds": wall,
         "train_seconds": result.timings["train"],
         "steps": len(result.losses),
+        "effects": result.record["effects"],
     }
     if anchor is not None:
         anchor_digit = DIGIT_WORDS.index(anchor)

@@ -58,6 +58,7 @@ class EraseResult:
             "loss_first": self.losses[0],
             "loss_last": self.losses[-1],
             "timings": self.timings,
+            "effects": self.record["effects"],
         }
 
 
@@ -172,10 +173,16 @@ def erase_concepts(
     clock = time.perf_counter()
     for spec in specs:
         _warn_long_captions(parts.pipeline, templates[spec.concept], spec.concept)
-    if auto_preserve and run_settings.preserve_weight > 0 and "preserve" not in settings:
-        run_settings = run_settings.replace(preserve=_automatic_preserve(parts, specs, source, run_settings))
+    # The concepts the report watches for interference: the preserve set, or the automatic one even when the bare
+    # method runs (then it is only watched, not protected), so both ways of erasing can be compared.
+    watched = run_settings.preserve
+    if auto_preserve and "preserve" not in settings:
+        watched = _automatic_preserve(parts, specs, source, run_settings)
+        if run_settings.preserve_weight > 0:
+            run_settings = run_settings.replace(preserve=watched)
     timings["prepare"] = time.perf_counter() - clock
 
+    from . import effects
     from . import unlearning as method
 
     clock = time.perf_counter()
@@ -191,11 +198,19 @@ def erase_concepts(
     clock = time.perf_counter()
     base_hashes, base_fingerprints = base_identity(parts, run_settings)
     timings["identity"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    with out_of_memory_explained(run_settings):
+        before = effects.snapshot(parts, targets, watched, run_settings)
+    timings["report"] = time.perf_counter() - clock
     steps = run_settings.steps or sum(run_settings.step_count(t.image_count) for t in targets)
     clock = time.perf_counter()
     with progress.phase("erasing", total=steps) as advance, out_of_memory_explained(run_settings):
         result = method.run(parts, targets, run_settings, on_step=lambda step, loss: advance(loss=loss))
     timings["train"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    with progress.phase("measuring the effect"), out_of_memory_explained(run_settings):
+        effect = effects.report(before, effects.snapshot(parts, targets, watched, run_settings, before.empty))
+    timings["report"] += time.perf_counter() - clock
 
     all_images = [item for pictures in loaded for item in pictures]
     record = {
@@ -225,6 +240,7 @@ def erase_concepts(
         "losses": result.losses,
         "retain_losses": result.retain_losses,
         "trajectory": result.trajectory,
+        "effects": effect,
         "device": str(parts.device),
         "dtype": str(parts.dtype).replace("torch.", ""),
         "versions": library_versions(),

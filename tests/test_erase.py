@@ -15,7 +15,7 @@ FAMILIES = ["sd1", "sd2", "sdxl"]
 FORMS = ["folder", "single-file", "hub"]
 ERASE = ["--steps", "8", "--lr", "1e-3", "--seed", "7"]
 RECORD_FIELDS = {"concept", "concepts", "images", "base", "base_fingerprints", "settings", "steps", "losses",
-                 "versions", "timings", "trained_tensors", "device", "dtype", "format", "trajectory"}
+                 "versions", "timings", "trained_tensors", "device", "dtype", "format", "trajectory", "effects"}
 WEIGHT_FILES = {"sd1": ["model.safetensors"], "sd2": ["model.safetensors"],
                 "sdxl": ["text_encoder/model.safetensors", "text_encoder_2/model.safetensors"]}
 
@@ -88,7 +88,10 @@ def test_erase_json_records_the_whole_run(erased, family, form):
     assert record["settings"]["betas"] == [0.9, 0.98] and record["settings"]["batch_size"] == 2
     assert record["concepts"][0]["templates"] == list(OBJECT_TEMPLATES)
     assert len(record["losses"]) == record["steps"] == 8
-    assert {"images", "load", "encode", "train", "save", "total"} <= set(record["timings"])
+    assert {"images", "load", "encode", "train", "report", "save", "total"} <= set(record["timings"])
+    effect = record["effects"]["erased"]["tiny robot"]
+    assert effect["gone"] == (effect["advantage_after"] <= 0)
+    assert record["effects"]["kept_drift"] and all(value >= 0 for value in record["effects"]["kept_drift"].values())
     assert {"torch", "diffusers", "transformers", "fewshot_erase"} <= set(record["versions"])
 
 

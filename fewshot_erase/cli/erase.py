@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ..settings import ENCODER_CHOICES, TRAIN_CHOICES
-from .render import handled, print_json, rich_progress
+from .render import effect_lines, handled, print_json, rich_progress
 
 
 @click.command("erase")
@@ -79,3 +79,6 @@ def erase_command(concept, images, output, model, style, templates, seed, steps,
         s = result.summary()
         click.echo(f"erased {s['concept']!r} from {s['model']} in {s['steps']} steps "
                    f"(loss {s['loss_first']:.4f} -> {s['loss_last']:.4f}, {s['timings']['total']:.1f} s): {s['output']}")
+        for line in effect_lines(s["effects"]):
+            click.echo(line)
+

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .render import handled, print_json
+from .render import effect_lines, handled, print_json
 
 
 @click.command("inspect")
@@ -35,6 +35,8 @@ def _show(report: dict) -> None:
         settings = record["settings"]
         click.echo(f"  erased {record['concept']!r} with {len(record['images'])} images from {base['model']} "
                    f"(lr {settings['lr']}, {record.get('steps')} steps, train {settings['train']})")
+        for line in effect_lines(record["effects"]) if "effects" in record else ():
+            click.echo("  " + line)
         for encoder, identity in base["text_encoders"].items():
             click.echo(f"    base {encoder} sha256 {identity['sha256']}")
         for image in record["images"]:

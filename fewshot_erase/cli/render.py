@@ -83,3 +83,14 @@ def handled(quiet: bool = False):
 
 def print_json(data: dict) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True))
+
+
+def effect_lines(effects: dict) -> list[str]:
+    """Per erased concept: does its text still help denoise its pictures; then the kept concepts it moved most."""
+    lines = [f"  {concept}: caption advantage {e['advantage_before']:+.4f} -> {e['advantage_after']:+.4f} "
+             f"({'gone' if e['gone'] else 'still there: more steps or a higher --lr'})"
+             for concept, e in effects["erased"].items()]
+    if effects["kept_drift"]:
+        most = sorted(effects["kept_drift"].items(), key=lambda item: -item[1])[:3]  # erase.json sorts by name
+        lines.append("  most moved of the kept concepts: " + ", ".join(f"{name} {value:.4f}" for name, value in most))
+    return lines
