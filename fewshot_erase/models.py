@@ -242,7 +242,7 @@ def _load_single_file(path: Path, family: families.Family, config: Path | None, 
         raise BadInput(f"{path} could not be read as a {family.label} checkpoint ({first_line(error)}); check the file") from None
 
 
-def _pickle_to_safetensors(path: Path, workdir: Path) -> Path:
+def pickle_to_safetensors(path: Path, workdir: Path) -> Path:
     """Pickle checkpoints run code when unpickled; `weights_only=True` refuses anything but tensors and containers."""
     import warnings
 
@@ -282,7 +282,7 @@ def load_pipeline_parts(source: ModelSource, *, device: str = "auto", dtype: str
             source = ModelSource("hub", source.reference, path)
             pipeline = _load_folder(path, family, torch_dtype)
         else:
-            path = _pickle_to_safetensors(source.path, Path(workdir)) if source.kind == "pickle" else source.path
+            path = pickle_to_safetensors(source.path, Path(workdir)) if source.kind == "pickle" else source.path
             family = single_file_family(path, source.reference)
             pipeline = _load_single_file(path, family, config, torch_dtype)
     pipeline.set_progress_bar_config(disable=True)

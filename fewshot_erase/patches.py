@@ -243,7 +243,7 @@ def apply(patch, checkpoint, output, *, force: bool = False, overwrite: bool = F
     encoder(s); every other tensor and file as in the input, which is never modified."""
     import tempfile
 
-    from .models import PICKLE_SUFFIXES, _pickle_to_safetensors
+    from .models import PICKLE_SUFFIXES, pickle_to_safetensors
     from .writers.atomic import check_target
     from .writers.checkpoint import write_patched_checkpoint
     from .writers.pipeline_folder import write_patched_folder
@@ -259,7 +259,7 @@ def apply(patch, checkpoint, output, *, force: bool = False, overwrite: bool = F
     target = check_target(Path(output), overwrite, inputs=(checkpoint, Path(patch)))
     loaded = read_patch(patch)
     with tempfile.TemporaryDirectory(prefix="fewshot-erase-") as workdir:
-        source = _pickle_to_safetensors(checkpoint, Path(workdir)) if pickled else checkpoint
+        source = pickle_to_safetensors(checkpoint, Path(workdir)) if pickled else checkpoint
         family, files = model_files(source, str(checkpoint))
         check_family(loaded, family, str(checkpoint))
         differing = mismatches(loaded, files, str(checkpoint))

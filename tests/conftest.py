@@ -77,3 +77,19 @@ def write_pictures(folder: Path, count: int = 3, size: int = 40, seed: int = 0) 
 @pytest.fixture(scope="session")
 def pictures(tmp_path_factory) -> Path:
     return write_pictures(tmp_path_factory.mktemp("pictures") / "concept")
+
+
+def erased_output(tiny, pictures) -> Path:
+    from fewshot_erase import erase
+
+    """`tiny` erased once per session, from its diffusers folder: the same weights as its single file."""
+    output = tiny.folder.parent / "erased"
+    if not output.exists():
+        erase("tiny robot", [pictures], output, model=str(tiny.folder), steps=2, lr=1e-3)
+    return output
+
+
+@pytest.fixture
+def erased(tiny_model, pictures):
+    """family -> (its tiny model, its erase output): what apply, export and inspect are tested on."""
+    return lambda family: (tiny_model(family), erased_output(tiny_model(family), pictures))

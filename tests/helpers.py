@@ -66,3 +66,24 @@ def mean_denoising_loss(pipe, family_name: str, pictures: Path, concept: str, te
             cond = unlearning.conditioning(pipe, family, captions, resolution, torch.float32)
             losses.append(unlearning.denoising_loss(pipe.unet, scheduler, latents, cond, generator).item())
     return sum(losses) / len(losses)
+
+
+LAYERS = 3  # the tiny models' encoder layers; SD 2.x's single file has a 4th block that diffusers does not use
+# Where each family's single file keeps the feed-forward weights: (layer N's prefix, fc1's name, fc2's name).
+SINGLE_FILE_NAMES = {
+    "sd1": {"text_encoder": ("cond_stage_model.transformer.text_model.encoder.layers.", "mlp.fc1", "mlp.fc2")},
+    "sd2": {"text_encoder": ("cond_stage_model.model.transformer.resblocks.", "mlp.c_fc", "mlp.c_proj")},
+    "sdxl": {"text_encoder": ("conditioner.embedders.0.transformer.text_model.encoder.layers.", "mlp.fc1", "mlp.fc2"),
+             "text_encoder_2": ("conditioner.embedders.1.model.transformer.resblocks.", "mlp.c_fc", "mlp.c_proj")},
+}
+
+
+def single_file_keys(family: str) -> dict[tuple[str, str], str]:
+    """(encoder, canonical name) -> the single file's key, for every feed-forward tensor an erase changes."""
+    found = {}
+    for encoder, (layers, fc1, fc2) in SINGLE_FILE_NAMES[family].items():
+        for n in range(LAYERS):
+            for module, name in (("mlp.fc1", fc1), ("mlp.fc2", fc2)):
+                for param in ("weight", "bias"):
+                    found[encoder, f"text_model.encoder.layers.{n}.{module}.{param}"] = f"{layers}{n}.{name}.{param}"
+    return found

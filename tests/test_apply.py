@@ -11,46 +11,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from fewshot_erase import erase
-from helpers import erased_tensors, run_cli
+from helpers import LAYERS, erased_tensors, run_cli, single_file_keys
 from tiny_pipelines import (build_tiny_pipeline, canonical_text_encoder_state_dict, load_single_file_pipeline,
                             save_single_file)
 
 FAMILIES = ["sd1", "sd2", "sdxl"]
-LAYERS = 3  # the tiny models' encoder layers; SD 2.x's single file has a 4th block that diffusers does not use
-# Where each family's single file keeps the feed-forward weights: (layer N's prefix, fc1's name, fc2's name).
-SINGLE_FILE_NAMES = {
-    "sd1": {"text_encoder": ("cond_stage_model.transformer.text_model.encoder.layers.", "mlp.fc1", "mlp.fc2")},
-    "sd2": {"text_encoder": ("cond_stage_model.model.transformer.resblocks.", "mlp.c_fc", "mlp.c_proj")},
-    "sdxl": {"text_encoder": ("conditioner.embedders.0.transformer.text_model.encoder.layers.", "mlp.fc1", "mlp.fc2"),
-             "text_encoder_2": ("conditioner.embedders.1.model.transformer.resblocks.", "mlp.c_fc", "mlp.c_proj")},
-}
-
-
-def single_file_keys(family: str) -> dict[tuple[str, str], str]:
-    """(encoder, canonical name) -> the single file's key, for every feed-forward tensor an erase changes."""
-    found = {}
-    for encoder, (layers, fc1, fc2) in SINGLE_FILE_NAMES[family].items():
-        for n in range(LAYERS):
-            for module, name in (("mlp.fc1", fc1), ("mlp.fc2", fc2)):
-                for param in ("weight", "bias"):
-                    found[encoder, f"text_model.encoder.layers.{n}.{module}.{param}"] = f"{layers}{n}.{name}.{param}"
-    return found
-
-
-def erased_output(tiny, pictures) -> Path:
-    """`tiny` erased once per session, from its diffusers folder: the same weights as its single file."""
-    output = tiny.folder.parent / "erased"
-    if not output.exists():
-        erase("tiny robot", [pictures], output, model=str(tiny.folder), steps=2, lr=1e-3)
-    return output
-
-
-@pytest.fixture
-def erased(tiny_model, pictures):
-    return lambda family: (tiny_model(family), erased_output(tiny_model(family), pictures))
-
-
 def assert_patched(before: Path, after: Path, output: Path, family: str) -> None:
     """`after` holds the erased feed-forward weights (in `before`'s dtypes) and every other tensor of `before`."""
     before, after, erased_weights = load_file(before), load_file(after), erased_tensors(output, family)

@@ -31,7 +31,7 @@ def erase(tiny, form, pictures, output):
 
 
 @pytest.fixture(scope="module")
-def erased(tiny_model, pictures, tmp_path_factory):
+def erased_twice(tiny_model, pictures, tmp_path_factory):
     """Each (family, form) erased twice with the same seed, once per test session."""
     done = {}
 
@@ -48,8 +48,8 @@ def erased(tiny_model, pictures, tmp_path_factory):
 
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_only_the_feed_forward_weights_change(erased, family, form):
-    tiny, output, _ = erased(family, form)
+def test_only_the_feed_forward_weights_change(erased_twice, family, form):
+    tiny, output, _ = erased_twice(family, form)
     changed = set()
     for name, tensors in erased_tensors(output, family).items():
         base = canonical_text_encoder_state_dict(getattr(tiny.pipe, name))
@@ -64,8 +64,8 @@ def test_only_the_feed_forward_weights_change(erased, family, form):
 
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_the_output_reloads_raises_the_loss_and_drives_a_pipeline(erased, pictures, family, form):
-    tiny, output, _ = erased(family, form)
+def test_the_output_reloads_raises_the_loss_and_drives_a_pipeline(erased_twice, pictures, family, form):
+    tiny, output, _ = erased_twice(family, form)
     erased_pipe = with_encoders(tiny.pipe, load_encoders(output, family))
     before = mean_denoising_loss(tiny.pipe, family, pictures, "tiny robot", OBJECT_TEMPLATES)
     after = mean_denoising_loss(erased_pipe, family, pictures, "tiny robot", OBJECT_TEMPLATES)
@@ -76,8 +76,8 @@ def test_the_output_reloads_raises_the_loss_and_drives_a_pipeline(erased, pictur
 
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_erase_json_records_the_whole_run(erased, family, form):
-    _, output, _ = erased(family, form)
+def test_erase_json_records_the_whole_run(erased_twice, family, form):
+    _, output, _ = erased_twice(family, form)
     record = json.loads((output / "erase.json").read_text())
     assert RECORD_FIELDS <= set(record)
     assert record["concept"] == "tiny robot"
@@ -97,8 +97,8 @@ def test_erase_json_records_the_whole_run(erased, family, form):
 
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_same_seed_gives_byte_identical_weights(erased, family, form):
-    _, first, second = erased(family, form)
+def test_same_seed_gives_byte_identical_weights(erased_twice, family, form):
+    _, first, second = erased_twice(family, form)
     for path in WEIGHT_FILES[family]:
         assert (first / path).read_bytes() == (second / path).read_bytes()
 

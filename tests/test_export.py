@@ -10,8 +10,7 @@ from safetensors.torch import load_file
 
 from fewshot_erase import families, unlearning
 from fewshot_erase.prompts import OBJECT_TEMPLATES, fill
-from helpers import erased_tensors, load_encoders, run_cli, with_encoders
-from test_apply import erased, single_file_keys  # noqa: F401 (the session's erase outputs, shared with apply's tests)
+from helpers import erased_tensors, load_encoders, run_cli, single_file_keys, with_encoders
 from tiny_pipelines import build_tiny_pipeline, save_diffusers_folder
 
 FAMILIES = ["sd1", "sd2", "sdxl"]

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save
 
 from fewshot_erase import images, safetensors_file
 from fewshot_erase.errors import BadInput
-from fewshot_erase.models import _pickle_to_safetensors
+from fewshot_erase.models import pickle_to_safetensors
 from fewshot_erase.patches import model_files, read_patch
 from fewshot_erase.writers.text_encoder import METADATA_KEY
 
@@ -278,7 +278,7 @@ def test_pickle_reader(scratch, data):
     path = scratch / "model.ckpt"
     path.write_bytes(data)
     with tempfile.TemporaryDirectory(dir=scratch) as workdir:
-        converted = loaded_or_refused(lambda: _pickle_to_safetensors(path, Path(workdir)))
+        converted = loaded_or_refused(lambda: pickle_to_safetensors(path, Path(workdir)))
         if converted:
             assert all(isinstance(t, torch.Tensor) for t in load_file(str(converted)).values())
 

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from helpers import run_cli
-from test_apply import erased  # noqa: F401 (the session's erase outputs, shared with apply's tests)
 
 ENCODERS = {
     "sd1": {"text_encoder": ("CLIP ViT-L", 3)},
