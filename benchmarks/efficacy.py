@@ -24,7 +24,9 @@ SAMPLES = REPO / "sample_images"
 METHODS = {
     "published": {"preserve_weight": 0.0},
     "default": {},
-    "anchor": {"anchor": "one"},
+    # Steering is bounded (the anchor's prediction is a fixed target), unlike ascent, so preservation can be held
+    # five times as firmly without stopping the erase; the README's anchor recipe.
+    "anchor": {"anchor": "one", "preserve_weight": 5.0},
 }
 PROMPTS = {"word": "a photo of the digit {w}", "numeral": "a photo of the digit {n}", "heldout": "the numeral {w}"}
 
@@ -74,8 +76,9 @@ def measure(parts, generation, base: dict, erased: list[int], options: dict, see
     options = dict(options)
     anchor = options.pop("anchor", None)
     specs = [ConceptSpec(DIGIT_WORDS[d], (str(SAMPLES / DIGIT_WORDS[d]),), anchor=anchor) for d in erased]
-    output = workdir / "_".join(DIGIT_WORDS[d] for d in erased) / str(len(list(workdir.iterdir())))
-    output.parent.mkdir(parents=True, exist_ok=True)
+    runs = workdir / "_".join(DIGIT_WORDS[d] for d in erased)
+    runs.mkdir(parents=True, exist_ok=True)
+    output = runs / str(len(list(runs.iterdir())))
     started = time.perf_counter()
     result = erase_concepts(specs, output, device="cpu", **options)
     wall = time.perf_counter() - started
@@ -145,7 +148,7 @@ def main(argv=None) -> dict:
             for digit in digits:
                 options = METHODS[method]
                 if method == "anchor" and digit == 1:
-                    options = {"anchor": "seven"}
+                    options = {**options, "anchor": "seven"}
                 runs[digit] = report = measure(parts, generation, base, [digit], options, seeds, workdir)
                 e = report["erased"][digit]
                 table.add_row(method, str(digit), f"{e['word']['before']:.0%} -> {e['word']['after']:.0%}",

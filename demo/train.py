@@ -170,22 +170,31 @@ def save_pipeline(out, vae, te, unet, scheduler_cls="DDIMScheduler"):
         fh.write("\n")
 
 
+def load_resume(path):
+    """A checkpoint this script saved, or a pipeline folder it wrote (the shipped model: its fp16 weights, upcast)."""
+    if not os.path.isdir(path):
+        return torch.load(path, weights_only=True)
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(path)
+    return {"vae": pipe.vae.float().state_dict(), "te": pipe.text_encoder.float().state_dict(),
+            "unet": pipe.unet.float().state_dict()}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(REPO, "fewshot_erase", "demo"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vae-steps", type=int, default=200)
-    ap.add_argument("--steps", type=int, default=7000)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--captions-per-step", type=int, default=16,
-                    help="distinct captions per step; = batch gives every image its own caption, which is what "
-                         "teaches the text encoder which word is which digit")
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--ema", type=float, default=0.999)
+    ap.add_argument("--steps", type=int, default=900)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--captions-per-step", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--ema", type=float, default=0.995)
     ap.add_argument("--scheduler", default="DDIMScheduler")
     ap.add_argument("--stats", default=None, help="where to write training stats JSON")
     ap.add_argument("--threads", type=int, default=2, help="1 when the machine is busy: two spin-waiting threads on a shared core run many times slower")
-    ap.add_argument("--resume", default=None, help="continue from a checkpoint this script saved (second stage)")
+    ap.add_argument("--resume", default=None, help="continue from a checkpoint this script saved, or from a pipeline folder it wrote")
     ap.add_argument("--checkpoint", default=os.path.join("/tmp", "fewshot_erase_demo_ckpt.pt"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -203,7 +212,7 @@ def main(argv=None):
     x = to_pixels(x8)
     log(f"train split: {len(y)} images")
 
-    resumed = torch.load(args.resume, weights_only=True) if args.resume else None
+    resumed = load_resume(args.resume) if args.resume else None
     if resumed:
         # Second stage: the first taught the UNet what digits look like; this one, with one caption per image
         # and many more steps, teaches the text encoder which word is which digit.
@@ -242,9 +251,8 @@ def main(argv=None):
         p.requires_grad_(False)
     emb = [p for n, p in te.named_parameters() if "embedding" in n]
     rest = [p for n, p in te.named_parameters() if "embedding" not in n] + list(unet.parameters())
-    # fused: the 49408-row token embedding makes the unfused optimizer step a fifth of the step time
     opt = torch.optim.AdamW([{"params": emb, "weight_decay": 0.0}, {"params": rest, "weight_decay": 0.01}],
-                            lr=args.lr, fused=True)
+                            lr=args.lr)
     sched = DDPMScheduler(**{k: v for k, v in SCHEDULER_KW.items() if k not in ("set_alpha_to_one",)})
     acp = sched.alphas_cumprod
     g = torch.Generator().manual_seed(args.seed + 2)

@@ -27,6 +27,8 @@ def main(argv=None):
     ap.add_argument("--guidance", type=float, required=True)
     ap.add_argument("--steps", type=int, required=True)
     ap.add_argument("--erase-settings", default="{}", help="JSON: the erase settings measured for this model")
+    ap.add_argument("--notes", default="{}", help="JSON: further fields, e.g. erase_settings_measured (what the "
+                                                  "erase settings achieved) or known_limitation")
     args = ap.parse_args(argv)
     with open(args.eval) as fh:
         ev = json.load(fh)
@@ -74,10 +76,9 @@ def main(argv=None):
                     "grid": grid},
         "parameters": st["params"],
         "training": {"wall_seconds": st["train_wall_seconds"], "vae_recon_judge_acc": st["vae_recon_judge_acc"],
-                     "args": a, "machine": "2-core CPU shared with other jobs, torch.set_num_threads(2)"},
-        "reproduce": ("python -m demo.train --stats demo/train_stats.json"
-                      "   # from the repository root; defaults: " +
-                      " ".join(f"--{k.replace('_', '-')} {v}" for k, v in a.items() if k not in ("out", "stats"))),
+                     "args": a, "machine": f"2-core CPU, torch.set_num_threads({a['threads']})"},
+        "reproduce": ("from the repository root: python -m demo.train --stats demo/train_stats.json " +
+                      " ".join(f"--{k.replace('_', '-')} {v}" for k, v in a.items() if k not in ("out", "stats", "checkpoint") and v is not None)),
         "file_bytes": dict(sorted(sizes.items())),
         "total_bytes": sum(v for k, v in sizes.items() if k != "demo.json"),
     }
@@ -85,6 +86,7 @@ def main(argv=None):
     # for it, applied when the user does not choose (the published SD defaults move a 64-wide encoder not at all).
     meta["concepts"] = list(data.DIGIT_WORDS)
     meta["erase_settings"] = json.loads(args.erase_settings)
+    meta.update(json.loads(args.notes))
     with open(os.path.join(MODEL, "demo.json"), "w") as fh:
         json.dump(meta, fh, indent=1)
         fh.write("\n")

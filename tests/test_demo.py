@@ -44,46 +44,28 @@ def test_readme_command_runs_on_the_demo_with_its_own_settings(tmp_path):
     assert "seven: caption advantage" in result.stdout and "(gone)" in result.stdout
 
 
-# Anchors and several concepts have not been tuned or measured on the demo yet (issue 7); these stay here, unrun,
-# as the definition of done.
-NOT_YET = pytest.mark.xfail(run=False, reason="not yet measured on the demo model; issue 7 is open")
-
-
-def test_readme_command_erases_seven_and_spares_the_others(base, tmp_path):
+def test_an_anchor_run_makes_the_erased_prompt_generate_the_anchor(base, tmp_path):
     parts, generation, table = base
-    result = run_cli("erase", "seven", SAMPLES / "seven", "-o", tmp_path / "erased")
+    # the README's anchor recipe: the steering objective is bounded, so preservation can be held firmly
+    report = measure(parts, generation, table_with_all_kinds(parts, generation, table), [7],
+                     {"anchor": "one", "preserve_weight": 5.0}, SEEDS, tmp_path)
+    assert report["anchor"][7] >= 0.8
+    assert report["others_mean_after"] >= report["others_mean_before"] - 0.05
+
+
+def test_a_two_concept_manifest_erases_both_in_one_run(base, tmp_path):
+    parts, generation, table = base
+    manifest = tmp_path / "concepts.json"
+    manifest.write_text(json.dumps([{"concept": "five", "images": str(SAMPLES / "five")},
+                                    {"concept": "seven", "images": str(SAMPLES / "seven")}]))
+    result = run_cli("erase", "--manifest", manifest, "-o", tmp_path / "erased")
     assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "erased" / "erase.json").read_text())
+    assert [c["concept"] for c in record["concepts"]] == ["five", "seven"]
+    assert set(record["effects"]["erased"]) == {"five", "seven"}
     pipe = erased_pipeline(parts, tmp_path / "erased")
-    assert judged(pipe, prompt_for("word", 7), 7, SEEDS, generation) <= table[7]["word"] / 2
-    others = [d for d in range(10) if d != 7]
-    before = sum(table[d]["word"] for d in others) / 9
-    after = sum(judged(pipe, prompt_for("word", d), d, SEEDS, generation) for d in others) / 9
-    assert after >= before - 0.10
-
-
-def test_preservation_spares_the_other_digits_better_than_the_bare_method(base, tmp_path):
-    parts, generation, table = base
-    bare = measure(parts, generation, table_with_all_kinds(parts, generation, table), [7], {"preserve_weight": 0.0}, SEEDS, tmp_path)
-    kept = measure(parts, generation, table_with_all_kinds(parts, generation, table), [7], {}, SEEDS, tmp_path)
-    assert kept["erased"][7]["word"]["after"] <= table[7]["word"] / 2
-    assert kept["others_mean_after"] > bare["others_mean_after"]
-    # and the run's own interference report says the same without a classifier
-    assert kept["effects"]["kept_drift_max"] < bare["effects"]["kept_drift_max"]
-
-
-@NOT_YET
-def test_anchor_steers_the_erased_prompt_to_the_anchor(base, tmp_path):
-    parts, generation, table = base
-    report = measure(parts, generation, table_with_all_kinds(parts, generation, table), [7], {"anchor": "one"}, SEEDS, tmp_path)
-    assert report["anchor"][7] >= 0.5
-
-
-@NOT_YET
-def test_two_concepts_in_one_run_are_both_erased(base, tmp_path):
-    parts, generation, table = base
-    report = measure(parts, generation, table_with_all_kinds(parts, generation, table), [2, 7], {}, SEEDS, tmp_path)
-    for digit in (2, 7):
-        assert report["erased"][digit]["word"]["after"] <= table[digit]["word"] / 2
+    for digit in (5, 7):
+        assert judged(pipe, prompt_for("word", digit), digit, SEEDS, generation) <= table[digit]["word"] / 2
 
 
 def table_with_all_kinds(parts, generation, table):
