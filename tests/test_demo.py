@@ -44,6 +44,28 @@ def test_readme_command_runs_on_the_demo_with_its_own_settings(tmp_path):
     assert "seven: caption advantage" in result.stdout and "(gone)" in result.stdout
 
 
+def test_readme_command_erases_seven_and_spares_the_others(base, tmp_path):
+    parts, generation, table = base
+    result = run_cli("erase", "seven", SAMPLES / "seven", "-o", tmp_path / "erased")
+    assert result.exit_code == 0, result.output
+    pipe = erased_pipeline(parts, tmp_path / "erased")
+    assert judged(pipe, prompt_for("word", 7), 7, SEEDS, generation) <= table[7]["word"] / 2
+    others = [d for d in range(10) if d != 7]
+    before = sum(table[d]["word"] for d in others) / 9
+    after = sum(judged(pipe, prompt_for("word", d), d, SEEDS, generation) for d in others) / 9
+    assert after >= before - 0.10
+
+
+def test_preservation_spares_the_other_digits_better_than_the_bare_method(base, tmp_path):
+    parts, generation, table = base
+    bare = measure(parts, generation, table_with_all_kinds(parts, generation, table), [7], {"preserve_weight": 0.0}, SEEDS, tmp_path)
+    kept = measure(parts, generation, table_with_all_kinds(parts, generation, table), [7], {}, SEEDS, tmp_path)
+    assert kept["erased"][7]["word"]["after"] <= table[7]["word"] / 2
+    assert kept["others_mean_after"] > bare["others_mean_after"]
+    # and the run's own interference report says the same without a classifier
+    assert kept["effects"]["kept_drift_max"] < bare["effects"]["kept_drift_max"]
+
+
 def test_an_anchor_run_makes_the_erased_prompt_generate_the_anchor(base, tmp_path):
     parts, generation, table = base
     # the README's anchor recipe: the steering objective is bounded, so preservation can be held firmly
