@@ -144,12 +144,13 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as workdir:
         workdir = Path(workdir)
         for method in args.methods.split(","):
-            runs = {}
+            runs = results["methods"][method] = {}
             for digit in digits:
                 options = METHODS[method]
                 if method == "anchor" and digit == 1:
                     options = {**options, "anchor": "seven"}
                 runs[digit] = report = measure(parts, generation, base, [digit], options, seeds, workdir)
+                save(results, args.json)  # after every run: a long benchmark stopped early keeps what it measured
                 e = report["erased"][digit]
                 table.add_row(method, str(digit), f"{e['word']['before']:.0%} -> {e['word']['after']:.0%}",
                               f"{e['numeral']['before']:.0%} -> {e['numeral']['after']:.0%}",
@@ -158,7 +159,6 @@ def main(argv=None) -> dict:
                               f"{report['others_worst_drop']:.0%}",
                               f"{report['anchor'][digit]:.0%}" if "anchor" in report else "",
                               f"{report['erase_seconds']:.1f}")
-            results["methods"][method] = runs
         if args.multi:
             multi = [int(d) for d in args.multi.split(",")]
             report = measure(parts, generation, base, multi, {}, seeds, workdir)
@@ -173,11 +173,15 @@ def main(argv=None) -> dict:
         if outputs:
             grid_image(parts, generation, outputs, seeds[:8]).save(args.grid)
     results["summary"] = summarise(results, digits)
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(results, indent=2, sort_keys=True, default=str) + "\n")
+    save(results, args.json)
     Console().print(table)
     Console().print_json(json.dumps(results["summary"]))
     return results
+
+
+def save(results: dict, path: str) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(results, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def summarise(results: dict, digits: list[int]) -> dict:
