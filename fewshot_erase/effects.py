@@ -13,55 +13,32 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .prompts import fill
-from .unlearning import as_cond, conditioning, conditioning_tensors, frozen_conditioning, noised, training_scheduler
+from .unlearning import advantage, conditioning, conditioning_tensors, frozen_conditioning, training_scheduler
 
-EFFECT_SEED = 4021  # fixed: before and after must see the same noise and timesteps
-REPEATS = 2  # each picture at two timesteps: six pictures alone make a noisy estimate
 KEPT_TEMPLATES = 4  # captions per kept concept: enough to see drift, cheap (an encoder forward only)
-NO_GRAD_ROWS = 4  # x the run's batch size per UNet call: without gradients a forward holds far less memory
 
 
 @dataclass
 class Snapshot:
     advantage: dict[str, float]  # erased concept -> empty-caption loss minus concept-caption loss
     kept: dict[str, list[torch.Tensor]]  # kept concept -> its conditioning tensors
-    empty: dict  # the ORIGINAL encoder's empty-caption conditioning, one row: the reference both times
+    empty: list[torch.Tensor]  # the ORIGINAL encoder's empty-caption conditioning, one row: the reference both times
 
 
 @torch.no_grad()
-def snapshot(parts, targets, kept: tuple[str, ...], settings, empty: dict | None = None) -> Snapshot:
+def snapshot(parts, targets, kept: tuple[str, ...], settings, empty: list[torch.Tensor] | None = None) -> Snapshot:
     pipeline, family, dtype = parts.pipeline, parts.family, parts.dtype
     resolution = settings.resolution
     scheduler = training_scheduler(pipeline)
-    empty = empty or conditioning(pipeline, family, [""], resolution, dtype)
-    advantage = {t.concept: _advantage(parts, t, scheduler, empty, settings) for t in targets}
+    empty = empty or conditioning_tensors(conditioning(pipeline, family, [""], resolution, dtype))
+    advantages = {t.concept: advantage(parts, t, scheduler, empty, settings) for t in targets}
     templates = targets[0].templates[:KEPT_TEMPLATES]
     captions = {name: [fill(t, name) for t in templates] for name in kept}
     encoded = frozen_conditioning(pipeline, family, [c for group in captions.values() for c in group], resolution, dtype)
     kept_cond = {name: [torch.cat(rows) for rows in zip(*(encoded[c] for c in group))] for name, group in captions.items()}
-    return Snapshot(advantage, kept_cond, empty)
-
-
-def _advantage(parts, target, scheduler, empty: dict, settings) -> float:
-    pipeline, family, unet = parts.pipeline, parts.family, parts.pipeline.unet
-    generator = torch.Generator().manual_seed(EFFECT_SEED)
-    latents = target.latents[: target.image_count].repeat(REPEATS, 1, 1, 1)
-    noisy, timesteps, goal = noised(latents, scheduler, generator)
-    captions = [fill(target.templates[i % len(target.templates)], target.concept) for i in range(len(latents))]
-    with_text = without_text = 0.0
-    chunk = settings.batch_size * NO_GRAD_ROWS
-    for start in range(0, len(latents), chunk):
-        rows = slice(start, start + chunk)
-        count = len(captions[rows])
-        cond = conditioning(pipeline, family, captions[rows], settings.resolution, parts.dtype)
-        blank = as_cond([t.expand(count, *t.shape[1:]) for t in conditioning_tensors(empty)], cond)
-        want = goal[rows].float()
-        with_text += F.mse_loss(unet(noisy[rows], timesteps[rows], **cond).sample.float(), want, reduction="sum").item()
-        without_text += F.mse_loss(unet(noisy[rows], timesteps[rows], **blank).sample.float(), want, reduction="sum").item()
-    return (without_text - with_text) / goal.numel()
+    return Snapshot(advantages, kept_cond, empty)
 
 
 def drift(before: list[torch.Tensor], after: list[torch.Tensor]) -> float:

@@ -44,8 +44,9 @@ class EraseSettings:
     preserve_batch: int = 8
     # Steering: the concept's captions should generate this instead (None: the published pure ascent).
     anchor: Optional[str] = None
-    # Stopping on evidence: "gone" stops once the concept's captions denoise its pictures no better than an
-    # empty caption (averaged over `until_window` steps) and preserve drift <= `until_drift`; steps is the cap.
+    # Stopping on evidence: "gone" checks every `until_window` steps, on fixed noise, whether each concept's captions
+    # still denoise its pictures better than the empty caption; it stops once none does and the preserve drift of
+    # the last window is <= `until_drift`. steps is the cap.
     until: Optional[str] = None
     until_window: int = 4
     until_drift: float = 0.05

@@ -83,5 +83,7 @@ def test_two_concept_manifest_and_until_record_each_concept(tiny_model, pictures
     assert record["concepts"][1]["anchor"] == "red ball"
     assert record["settings"]["preserve"] == ["green tree"]
     assert {e["concept"] for e in record["trajectory"]} == {"tiny robot", "blue cube"}
-    assert all("advantage" in e and "retain" in e for e in record["trajectory"])
+    assert all("retain" in e for e in record["trajectory"])
+    checks = [e["advantage"] for e in record["trajectory"] if "advantage" in e]  # every 4 steps, on fixed noise
+    assert checks and all(set(check) == {"tiny robot", "blue cube"} for check in checks)
     assert len(record["trajectory"]) == record["steps"] <= 6
