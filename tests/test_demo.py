@@ -35,7 +35,7 @@ def test_readme_command_runs_on_the_demo_with_its_own_settings(tmp_path):
     assert "embedded demo model" in result.stderr
     record = json.loads((tmp_path / "erased" / "erase.json").read_text())
     assert record["base"]["kind"] == "demo"
-    assert set(record["recommended_by_model"]) == {"templates", "lr", "preserve_weight"}
+    assert set(record["recommended_by_model"]) == {"templates", "lr", "preserve_weight", "until", "steps"}
     assert record["settings"]["preserve"] == [w for w in DIGIT_WORDS if w != "seven"]
     assert record["losses"][-1] > record["losses"][0]
     # the report: seven's captions helped denoise its pictures before, and no longer do
