@@ -21,13 +21,13 @@ SAMPLES = REPO / "sample_images"
 
 # What each method is, as erase options. "published" is the bare method with the demo's captions and learning rate
 # for the published 4 epochs (no preservation, no stopping rule); "default" is what `fewshot-erase erase` does on
-# the demo without options; "anchor" steers to another digit for 4 epochs (None: not the demo's stopping rule).
+# the demo without options (60 steps with preservation); "anchor" steers to another digit for the 4 epochs.
 METHODS = {
-    "published": {"preserve_weight": 0.0, "until": None, "steps": None},
+    "published": {"preserve_weight": 0.0, "steps": None},
     "default": {},
     # Steering is bounded (the anchor's prediction is a fixed target), unlike ascent, so preservation can be held
     # five times as firmly without stopping the erase; the README's anchor recipe.
-    "anchor": {"anchor": "one", "preserve_weight": 5.0, "until": None, "steps": None},
+    "anchor": {"anchor": "one", "preserve_weight": 5.0, "steps": None},
 }
 PROMPTS = {"word": "a photo of the digit {w}", "numeral": "a photo of the digit {n}", "heldout": "the numeral {w}"}
 

@@ -247,7 +247,7 @@ def run(parts, targets: list[Target], settings: EraseSettings,
     frozen = frozen_conditioning(pipeline, family, keep + anchors + ([""] if settings.until else []), resolution, dtype)
     losses, retains, trajectory = [], [], []
     device = unet.device
-    published_length = sum(settings.step_count(t.image_count) for t in targets)
+    published_length = sum(settings.replace(steps=None).step_count(t.image_count) for t in targets)
     steps = settings.steps or published_length
     # --until never stops before the published schedule: on the demo, stops after 4-8 steps left digits that the
     # full 12 erase (seven: 28% at 8 steps, 0% at 12). It only goes on, up to --steps, where that was not enough.

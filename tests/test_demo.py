@@ -35,7 +35,7 @@ def test_readme_command_runs_on_the_demo_with_its_own_settings(tmp_path):
     assert "embedded demo model" in result.stderr
     record = json.loads((tmp_path / "erased" / "erase.json").read_text())
     assert record["base"]["kind"] == "demo"
-    assert set(record["recommended_by_model"]) == {"templates", "lr", "preserve_weight", "until", "steps"}
+    assert set(record["recommended_by_model"]) == {"templates", "lr", "preserve_weight", "steps"}
     assert record["settings"]["preserve"] == [w for w in DIGIT_WORDS if w != "seven"]
     assert record["losses"][-1] > record["losses"][0]
     # the report: seven's captions helped denoise its pictures before, and no longer do
@@ -70,7 +70,7 @@ def test_an_anchor_run_makes_the_erased_prompt_generate_the_anchor(base, tmp_pat
     parts, generation, table = base
     # the README's anchor recipe: the steering objective is bounded, so preservation can be held firmly
     report = measure(parts, generation, table_with_all_kinds(parts, generation, table), [7],
-                     {"anchor": "one", "preserve_weight": 5.0}, SEEDS, tmp_path)
+                     {"anchor": "one", "preserve_weight": 5.0, "steps": None}, SEEDS, tmp_path)
     assert report["anchor"][7] >= 0.8
     assert report["others_mean_after"] >= report["others_mean_before"] - 0.05
 
