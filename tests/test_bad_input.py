@@ -41,7 +41,7 @@ from fewshot_erase.images import load_image
 from fewshot_erase.patches import apply
 from helpers import run_cli
 
-PROGRESS_LINE = re.compile(r"^[^\w\s]?\s*(reading images|loading model|encoding images|erasing|saving)\b")
+PROGRESS_LINE = re.compile(r"^[^\w\s]?\s*(reading images|loading model|encoding images|erasing|measuring the effect|saving)\b")
 RUN = {"steps": 2}  # cases that get as far as training keep it short
 FAST = {"steps": 1}
 
