@@ -639,8 +639,10 @@ def run_api_case(case: Case, output: Path):
 def run_process_case(case: Case, output: Path, ws: Workspace):
     env = {**os.environ, "TMPDIR": str(ws.tmp), "PYTHONUNBUFFERED": "1"}
     program = ["-c", case.wrapper] if case.wrapper else ["-m", "fewshot_erase"]
+    # A shell runs background jobs with SIGINT ignored, and Python then leaves it ignored; a user's terminal does not.
     process = subprocess.Popen([sys.executable, *program, *cli_args(case, output)], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env=env)
+                               stderr=subprocess.PIPE, text=True, env=env,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     watchdog = threading.Timer(300, process.kill)  # a run that hangs fails the test instead of stalling it
     watchdog.start()
     seen = []
