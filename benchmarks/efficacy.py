@@ -21,9 +21,9 @@ SAMPLES = REPO / "sample_images"
 
 # What each method is, as erase options. "published" is the bare method with the demo's captions and learning rate
 # for the published 4 epochs (no preservation, no stopping rule); "default" is what `fewshot-erase erase` does on
-# the demo without options (60 steps with preservation); "anchor" steers to another digit for the 4 epochs.
+# the demo without options (preservation, stop once gone, at most 120 steps); "anchor" steers to another digit.
 METHODS = {
-    "published": {"preserve_weight": 0.0, "steps": None},
+    "published": {"preserve_weight": 0.0, "steps": None, "until": None},
     "default": {},
     # Steering is bounded (the anchor's prediction is a fixed target), unlike ascent, so preservation can be held
     # five times as firmly without stopping the erase; the README's anchor recipe.

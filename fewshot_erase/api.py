@@ -147,7 +147,7 @@ def erase_concepts(
         warnings.warn("no --model given: erasing from the embedded demo model (digits 0-9)", EraseWarning, stacklevel=2)
     if settings.get("templates") is not None:
         settings["templates"] = prompts.check_templates(settings["templates"])
-    recommended = _recommended(source)
+    recommended = _recommended(source, len(specs))
     run_settings = EraseSettings(concept=", ".join(s.concept for s in specs), **{**recommended, **settings})
     image_paths = [image_io.find_image_files(spec.images) for spec in specs]
     inputs = tuple(Path(p) for spec in specs for p in spec.images) + ((source.path,) if source.path else ())
@@ -205,7 +205,8 @@ def erase_concepts(
     steps = run_settings.steps or sum(run_settings.step_count(t.image_count) for t in targets)
     clock = time.perf_counter()
     with progress.phase("erasing", total=steps) as advance, out_of_memory_explained(run_settings):
-        result = method.run(parts, targets, run_settings, on_step=lambda step, loss: advance(loss=loss))
+        result = method.run(parts, targets, run_settings, on_step=lambda step, loss: advance(loss=loss),
+                            baseline=before.advantage, empty=before.empty)
     timings["train"] = time.perf_counter() - clock
     clock = time.perf_counter()
     with progress.phase("measuring the effect"), out_of_memory_explained(run_settings):
@@ -286,10 +287,15 @@ def concept_similarity(parts, erased: list[str], candidates: tuple[str, ...]) ->
     return dict(zip(candidates, similarity.max(dim=1).values.tolist()))
 
 
-def _recommended(source) -> dict:
+def _recommended(source, concept_count: int) -> dict:
     """Erase settings a model ships with (the demo: its own captions and a learning rate that moves a small
-    encoder); applied only where the caller did not choose. Lists in JSON become tuples here."""
-    return {key: tuple(value) if isinstance(value, list) else value for key, value in source.recommended.items()}
+    encoder); applied only where the caller did not choose. Lists in JSON become tuples here. A recommended step
+    count is per concept: concepts take turns, so each gets as many steps as it would alone (an explicit --steps
+    is the whole run's)."""
+    recommended = {key: tuple(value) if isinstance(value, list) else value for key, value in source.recommended.items()}
+    if recommended.get("steps"):
+        recommended["steps"] *= concept_count
+    return recommended
 
 
 def _rewrite_timings(staging: Path, record: dict) -> None:

@@ -1,7 +1,8 @@
 """What an erase did, measured inside the run (no classifier, no generation), so every erase.json carries it:
 
 - for each erased concept, how much its captions still help the UNet denoise its own pictures compared with the
-  empty caption (the "advantage"); above 0 the text still carries the concept, at or below 0 it carries nothing;
+  empty caption (the "advantage"); above 0 the text still carries the concept; "gone" once the captions push
+  away from the pictures as strongly as they used to pull toward them (unlearning.gone);
 - for each concept that should survive (the preserve set, or the automatic one when preservation is off), how far
   the encoder's conditioning for it moved, relative to its size: the interference.
 
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .prompts import fill
-from .unlearning import advantage, conditioning, conditioning_tensors, frozen_conditioning, training_scheduler
+from .unlearning import advantage, conditioning, conditioning_tensors, frozen_conditioning, gone, training_scheduler
 
 KEPT_TEMPLATES = 4  # captions per kept concept: enough to see drift, cheap (an encoder forward only)
 
@@ -51,7 +52,7 @@ def report(before: Snapshot, after: Snapshot) -> dict:
     largest first (the concepts the erase dragged along most)."""
     erased = {
         concept: {"advantage_before": before.advantage[concept], "advantage_after": after.advantage[concept],
-                  "gone": after.advantage[concept] <= 0}
+                  "gone": gone(before.advantage[concept], after.advantage[concept])}
         for concept in before.advantage
     }
     drifts = {name: drift(before.kept[name], after.kept[name]) for name in before.kept}

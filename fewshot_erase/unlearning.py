@@ -226,7 +226,11 @@ def prepare_encoders(parts, settings: EraseSettings) -> dict:
 
 
 def run(parts, targets: list[Target], settings: EraseSettings,
-        on_step: Callable[[int, float], None] = lambda step, loss: None) -> LoopResult:
+        on_step: Callable[[int, float], None] = lambda step, loss: None,
+        baseline: dict[str, float] | None = None, empty: list[torch.Tensor] | None = None) -> LoopResult:
+    """`baseline`: each concept's advantage before training and `empty`: the original encoder's empty-caption
+    conditioning, both as the report's first snapshot measured them (computed here when not given); --until
+    compares against them."""
     pipeline, family, unet, dtype = parts.pipeline, parts.family, parts.pipeline.unet, parts.dtype
     resolution = settings.resolution or parts.resolution
     trained = prepare_encoders(parts, settings)
@@ -244,7 +248,11 @@ def run(parts, targets: list[Target], settings: EraseSettings,
     streams = [batches(t.image_count, settings.batch_size, settings.flip, generator) for t in targets]
     keep = preserve_pool(settings.preserve, targets[0].templates, captions_rng) if settings.preserve_weight > 0 else []
     anchors = [fill(template, t.anchor) for t in targets if t.anchor for template in t.templates]
-    frozen = frozen_conditioning(pipeline, family, keep + anchors + ([""] if settings.until else []), resolution, dtype)
+    frozen = frozen_conditioning(pipeline, family, keep + anchors, resolution, dtype)
+    if settings.until:
+        frozen[""] = empty or conditioning_tensors(conditioning(pipeline, family, [""], resolution, dtype))
+        if baseline is None:
+            baseline = {t.concept: advantage(parts, t, scheduler, frozen[""], settings) for t in targets}
     losses, retains, trajectory = [], [], []
     device = unet.device
     published_length = sum(settings.replace(steps=None).step_count(t.image_count) for t in targets)
@@ -252,8 +260,9 @@ def run(parts, targets: list[Target], settings: EraseSettings,
     # --until never stops before the published schedule: on the demo, stops after 4-8 steps left digits that the
     # full 12 erase (seven: 28% at 8 steps, 0% at 12). It only goes on, up to --steps, where that was not enough.
     earliest_stop = min(published_length, steps)
+    active = list(range(len(targets)))  # with --until, a concept found gone leaves the rotation
     for step in range(steps):
-        index = step % len(targets)  # several concepts take turns, each with its own pictures
+        index = active[step % len(active)]  # several concepts take turns, each with its own pictures
         target, picked = targets[index], next(streams[index])
         chosen_templates = [captions_rng.choice(target.templates) for _ in picked]
         kept = captions_rng.sample(keep, min(settings.preserve_batch, len(keep))) if keep else []
@@ -289,9 +298,14 @@ def run(parts, targets: list[Target], settings: EraseSettings,
         on_step(step, loss.item())
         if settings.until and (step + 1) % settings.until_window == 0:
             # every `until_window` steps, on fixed noise: the check costs about as much as one step per picture
-            entry["advantage"] = checks = {t.concept: advantage(parts, t, scheduler, frozen[""], settings) for t in targets}
-            if step + 1 >= earliest_stop and stop_now(checks, trajectory, settings):
-                return LoopResult(losses, retains, trajectory, True, trained)
+            entry["advantage"] = checks = {targets[i].concept: advantage(parts, targets[i], scheduler, frozen[""], settings)
+                                           for i in active}
+            if step + 1 >= earliest_stop:
+                still = [i for i in active if not gone(baseline[targets[i].concept], checks[targets[i].concept])]
+                if not still and drift_ok(trajectory, settings):
+                    return LoopResult(losses, retains, trajectory, True, trained)
+                # a concept already gone is not pushed further: more ascent on it only drags the others along
+                active = still or active
     return LoopResult(losses, retains, trajectory, False, trained)
 
 
@@ -323,8 +337,15 @@ def advantage(parts, target: Target, scheduler, empty: list[torch.Tensor], setti
     return (without_text - with_text) / goal.numel()
 
 
-def stop_now(checks: dict[str, float], trajectory: list[dict], settings: EraseSettings) -> bool:
-    """Stop when every concept's advantage is <= 0 and the preserve prompts' drift over the last `until_window`
-    steps (when preserving) is within `until_drift`."""
+def gone(before: float, after: float) -> bool:
+    """Gone when the concept's captions now steer the denoising of its pictures away from them at least as strongly
+    as they steered it toward them before. Merely "no better than the empty caption" (after <= 0) is not enough:
+    on the demo, runs stopped there still drew the digit (seven 28%, zero 96%); with this rule none of 20 measured
+    runs was called gone while the judge still saw the digit (benchmarks/results)."""
+    return after <= -max(before, 0.0)
+
+
+def drift_ok(trajectory: list[dict], settings: EraseSettings) -> bool:
+    """The preserve prompts' drift over the last `until_window` steps (when preserving) is within `until_drift`."""
     drifts = [e["retain"] for e in trajectory[-settings.until_window:] if "retain" in e]
-    return all(value <= 0 for value in checks.values()) and (not drifts or max(drifts) <= settings.until_drift)
+    return not drifts or max(drifts) <= settings.until_drift

@@ -87,3 +87,33 @@ def test_two_concept_manifest_and_until_record_each_concept(tiny_model, pictures
     checks = [e["advantage"] for e in record["trajectory"] if "advantage" in e]  # every 4 steps, on fixed noise
     assert checks and all(set(check) == {"tiny robot", "blue cube"} for check in checks)
     assert len(record["trajectory"]) == record["steps"] <= 6
+
+
+def test_until_takes_a_concept_found_gone_out_of_the_rotation(tiny_model, pictures, tmp_path, monkeypatch):
+    from fewshot_erase import unlearning
+    from fewshot_erase.api import erase_concepts
+
+    # The in-loop checks read "tiny robot" as gone and "blue cube" as still there, every time.
+    monkeypatch.setattr(unlearning, "advantage", lambda parts, target, *rest: -1.0 if target.concept == "tiny robot" else 1.0)
+    specs = [ConceptSpec("tiny robot", (str(pictures),)), ConceptSpec("blue cube", (str(pictures),))]
+    result = erase_concepts(specs, tmp_path / "out", model=str(tiny_model("sd1").folder), steps=24, lr=1e-3,
+                            until="gone")
+    # 3 pictures, batch 2: 8 steps a concept for the published 4 epochs, 16 for both; the first stop check after
+    # that drops the robot, and the cube alone goes on to the cap
+    concepts = [entry["concept"] for entry in result.record["trajectory"]]
+    assert len(concepts) == 24 and not result.record["stopped_early"]
+    assert set(concepts[:16]) == {"tiny robot", "blue cube"} and set(concepts[16:]) == {"blue cube"}
+    assert set(result.record["trajectory"][15]["advantage"]) == {"tiny robot", "blue cube"}
+    assert set(result.record["trajectory"][19]["advantage"]) == {"blue cube"}
+
+
+@pytest.mark.parametrize("before, after, gone", [
+    (0.002, 0.0005, False),   # still helps
+    (0.002, -0.001, False),   # no better than the empty caption, but not pushing away as hard as it pulled
+    (0.002, -0.002, True),
+    (-0.001, -0.0001, True),  # the captions never helped: no better than empty is gone
+])
+def test_gone_means_the_captions_now_push_away_as_hard_as_they_pulled(before, after, gone):
+    from fewshot_erase.unlearning import gone as is_gone
+
+    assert is_gone(before, after) is gone
