@@ -25,9 +25,9 @@ SAMPLES = REPO / "sample_images"
 METHODS = {
     "published": {"preserve_weight": 0.0, "steps": None, "until": None},
     "default": {},
-    # Steering is bounded (the anchor's prediction is a fixed target), unlike ascent, so preservation can be held
-    # five times as firmly without stopping the erase; the README's anchor recipe.
-    "anchor": {"anchor": "one", "preserve_weight": 5.0, "steps": None},
+    # Steering for a fixed 60 steps (the stopping rule is about ascent; measured: 36 steps or a preservation weight
+    # of 5 leave most digits short of the anchor).
+    "anchor": {"anchor": "one", "steps": 60, "until": None},
 }
 PROMPTS = {"word": "a photo of the digit {w}", "numeral": "a photo of the digit {n}", "heldout": "the numeral {w}"}
 
