@@ -301,7 +301,9 @@ def run(parts, targets: list[Target], settings: EraseSettings,
             entry["advantage"] = checks = {targets[i].concept: advantage(parts, targets[i], scheduler, frozen[""], settings)
                                            for i in active}
             if step + 1 >= earliest_stop:
-                still = [i for i in active if not gone(baseline[targets[i].concept], checks[targets[i].concept])]
+                # a steered concept (--anchor) is not "gone" by this rule: it runs the full schedule
+                still = [i for i in active
+                         if targets[i].anchor or not gone(baseline[targets[i].concept], checks[targets[i].concept])]
                 if not still and drift_ok(trajectory, settings):
                     return LoopResult(losses, retains, trajectory, True, trained)
                 # a concept already gone is not pushed further: more ascent on it only drags the others along

@@ -27,6 +27,13 @@ def assert_patched(before: Path, after: Path, output: Path, family: str) -> None
     assert all(torch.equal(before[key], after[key]) for key in set(before) - set(feed_forward.values()))
 
 
+def assert_holds_the_erase(loaded, output: Path, family: str) -> None:
+    """Every text encoder of the loaded pipeline carries the erase output's trained tensors."""
+    for name, tensors in erased_tensors(output, family).items():
+        state = canonical_text_encoder_state_dict(getattr(loaded, name))
+        assert all(torch.equal(state[key], tensor) for key, tensor in tensors.items()), name
+
+
 def metadata(path: Path) -> dict:
     with safe_open(str(path), framework="pt") as handle:
         return handle.metadata()
@@ -39,10 +46,7 @@ def test_apply_writes_the_erase_into_a_single_file_that_diffusers_loads(erased, 
     result = run_cli("apply", output, tiny.single_file, "-o", new)
     assert result.exit_code == 0, result.output
 
-    loaded = load_single_file_pipeline(new, family, tiny.config_dir)
-    for name, tensors in erased_tensors(output, family).items():
-        state = canonical_text_encoder_state_dict(getattr(loaded, name))
-        assert all(torch.equal(state[key], tensor) for key, tensor in tensors.items()), name
+    assert_holds_the_erase(load_single_file_pipeline(new, family, tiny.config_dir), output, family)
     assert_patched(tiny.single_file, new, output, family)
 
 
@@ -75,10 +79,8 @@ def test_apply_to_a_pipeline_folder_patches_its_text_encoders_and_keeps_the_rest
     result = run_cli("apply", output, tiny.folder, "-o", new)
     assert result.exit_code == 0, result.output
 
-    loaded = type(tiny.pipe).from_pretrained(str(new))
-    for name, tensors in erased_tensors(output, family).items():
-        state = canonical_text_encoder_state_dict(getattr(loaded, name))
-        assert all(torch.equal(state[key], tensor) for key, tensor in tensors.items()), name
+    assert_holds_the_erase(type(tiny.pipe).from_pretrained(str(new)), output, family)
+    for name in erased_tensors(output, family):
         assert json.loads(metadata(new / name / "model.safetensors")["fewshot_erase"])["concept"] == "tiny robot"
     for path in tiny.folder.rglob("*"):
         copy = new / path.relative_to(tiny.folder)

@@ -89,13 +89,17 @@ def test_two_concept_manifest_and_until_record_each_concept(tiny_model, pictures
     assert len(record["trajectory"]) == record["steps"] <= 6
 
 
-def test_until_takes_a_concept_found_gone_out_of_the_rotation(tiny_model, pictures, tmp_path, monkeypatch):
+@pytest.mark.parametrize("cube_anchor, cube_advantage", [(None, 1.0), ("red ball", -1.0)])
+def test_until_takes_a_concept_found_gone_out_of_the_rotation(tiny_model, pictures, tmp_path, monkeypatch,
+                                                              cube_anchor, cube_advantage):
     from fewshot_erase import unlearning
     from fewshot_erase.api import erase_concepts
 
-    # The in-loop checks read "tiny robot" as gone and "blue cube" as still there, every time.
-    monkeypatch.setattr(unlearning, "advantage", lambda parts, target, *rest: -1.0 if target.concept == "tiny robot" else 1.0)
-    specs = [ConceptSpec("tiny robot", (str(pictures),)), ConceptSpec("blue cube", (str(pictures),))]
+    # The in-loop checks read "tiny robot" as gone every time; "blue cube" either still there, or steered to an
+    # anchor, which the rule never calls gone whatever its advantage (steering runs its full schedule).
+    monkeypatch.setattr(unlearning, "advantage",
+                        lambda parts, target, *rest: -1.0 if target.concept == "tiny robot" else cube_advantage)
+    specs = [ConceptSpec("tiny robot", (str(pictures),)), ConceptSpec("blue cube", (str(pictures),), anchor=cube_anchor)]
     result = erase_concepts(specs, tmp_path / "out", model=str(tiny_model("sd1").folder), steps=24, lr=1e-3,
                             until="gone")
     # 3 pictures, batch 2: 8 steps a concept for the published 4 epochs, 16 for both; the first stop check after

@@ -98,3 +98,11 @@ def test_a_two_concept_manifest_erases_both_in_one_run(base, tmp_path):
 def table_with_all_kinds(parts, generation, table):
     """`measure` reports every prompt kind; the tests only judge the word prompts, so reuse them for the rest."""
     return {d: {"word": row["word"], "numeral": row["word"], "heldout": row["word"]} for d, row in table.items()}
+
+
+def test_until_steps_runs_the_whole_schedule_on_the_demo(tmp_path):
+    result = run_cli("erase", "seven", SAMPLES / "seven", "--until", "steps", "--steps", 8, "-o", tmp_path / "erased")
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "erased" / "erase.json").read_text())
+    assert record["steps"] == 8 and not record["stopped_early"]
+    assert record["settings"]["until"] is None and "until" not in record["recommended_by_model"]

@@ -30,7 +30,9 @@ from .render import effect_lines, handled, print_json, rich_progress
 @click.option("--preserve-file", type=click.Path(), help="A file of concepts to keep, one per line.")
 @click.option("--preserve-weight", type=float, help="Weight of the term that keeps preserved concepts' conditioning.")
 @click.option("--no-preserve", is_flag=True, help="The bare published method: no preservation term.")
-@click.option("--until", type=click.Choice(["gone"]), help="Stop once the concept's captions no longer help denoise its images (steps is the cap).")
+@click.option("--until", type=click.Choice(["gone", "steps"]),
+              help="gone: stop once each concept's captions push the denoising of its images away as strongly as they "
+                   "pulled before (--steps is the cap); steps: run every step (the published method; the demo's default is gone).")
 @click.option("--no-flip", is_flag=True, help="Do not add mirrored copies of the images.")
 @click.option("--device", help="cpu, cuda, cuda:N (default: cuda if available).")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), help="Dtype of the frozen UNet and VAE.")
@@ -51,7 +53,7 @@ def erase_command(concept, images, output, model, style, templates, seed, steps,
         "style": style or None, "templates": tuple(templates) or None, "seed": seed, "steps": steps, "epochs": epochs,
         "lr": lr, "batch_size": batch_size, "resolution": resolution, "train": train, "encoder": encoder,
         "flip": False if no_flip else None, "device": device, "dtype": dtype, "low_memory": low_memory or None,
-        "until": until,
+        "until": until if until == "gone" else None,
         "preserve_weight": 0.0 if no_preserve else preserve_weight,
     }
     with handled(quiet):
@@ -72,7 +74,8 @@ def erase_command(concept, images, output, model, style, templates, seed, steps,
             chosen["preserve"] = kept
         result = erase_concepts(specs, output, model=model, overwrite=overwrite, config=config,
                                 allow_pickle=allow_pickle, progress=rich_progress(quiet),
-                                **{key: value for key, value in chosen.items() if value is not None})
+                                **{key: value for key, value in chosen.items() if value is not None},
+                                **({"until": None} if until == "steps" else {}))
     if as_json:
         print_json(result.summary())
     elif not quiet:
