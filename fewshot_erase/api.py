@@ -206,11 +206,11 @@ def erase_concepts(
     clock = time.perf_counter()
     with progress.phase("erasing", total=steps) as advance, out_of_memory_explained(run_settings):
         result = method.run(parts, targets, run_settings, on_step=lambda step, loss: advance(loss=loss),
-                            baseline=before.advantage, empty=before.empty)
+                            baseline=before.advantage, empty=before.empty, blank=before.blank)
     timings["train"] = time.perf_counter() - clock
     clock = time.perf_counter()
     with progress.phase("measuring the effect"), out_of_memory_explained(run_settings):
-        effect = effects.report(before, effects.snapshot(parts, targets, watched, run_settings, before.empty))
+        effect = effects.report(before, effects.snapshot(parts, targets, watched, run_settings, before.empty, before.blank))
     timings["report"] += time.perf_counter() - clock
 
     all_images = [item for pictures in loaded for item in pictures]

@@ -26,20 +26,23 @@ class Snapshot:
     advantage: dict[str, float]  # erased concept -> empty-caption loss minus concept-caption loss
     kept: dict[str, list[torch.Tensor]]  # kept concept -> its conditioning tensors
     empty: list[torch.Tensor]  # the ORIGINAL encoder's empty-caption conditioning, one row: the reference both times
+    blank: dict[str, float]  # per concept, the empty caption's loss on the fixed noise: the same before and after
 
 
 @torch.no_grad()
-def snapshot(parts, targets, kept: tuple[str, ...], settings, empty: list[torch.Tensor] | None = None) -> Snapshot:
+def snapshot(parts, targets, kept: tuple[str, ...], settings, empty: list[torch.Tensor] | None = None,
+             blank: dict[str, float] | None = None) -> Snapshot:
     pipeline, family, dtype = parts.pipeline, parts.family, parts.dtype
     resolution = settings.resolution
     scheduler = training_scheduler(pipeline)
     empty = empty or conditioning_tensors(conditioning(pipeline, family, [""], resolution, dtype))
-    advantages = {t.concept: advantage(parts, t, scheduler, empty, settings) for t in targets}
+    blank = {} if blank is None else blank
+    advantages = {t.concept: advantage(parts, t, scheduler, empty, settings, blank) for t in targets}
     templates = targets[0].templates[:KEPT_TEMPLATES]
     captions = {name: [fill(t, name) for t in templates] for name in kept}
     encoded = frozen_conditioning(pipeline, family, [c for group in captions.values() for c in group], resolution, dtype)
     kept_cond = {name: [torch.cat(rows) for rows in zip(*(encoded[c] for c in group))] for name, group in captions.items()}
-    return Snapshot(advantages, kept_cond, empty)
+    return Snapshot(advantages, kept_cond, empty, blank)
 
 
 def drift(before: list[torch.Tensor], after: list[torch.Tensor]) -> float:

@@ -227,10 +227,11 @@ def prepare_encoders(parts, settings: EraseSettings) -> dict:
 
 def run(parts, targets: list[Target], settings: EraseSettings,
         on_step: Callable[[int, float], None] = lambda step, loss: None,
-        baseline: dict[str, float] | None = None, empty: list[torch.Tensor] | None = None) -> LoopResult:
-    """`baseline`: each concept's advantage before training and `empty`: the original encoder's empty-caption
-    conditioning, both as the report's first snapshot measured them (computed here when not given); --until
-    compares against them."""
+        baseline: dict[str, float] | None = None, empty: list[torch.Tensor] | None = None,
+        blank: dict[str, float] | None = None) -> LoopResult:
+    """`baseline`: each concept's advantage before training, `empty`: the original encoder's empty-caption
+    conditioning, `blank`: that caption's loss per concept, all as the report's first snapshot measured them
+    (computed here when not given); --until compares against them."""
     pipeline, family, unet, dtype = parts.pipeline, parts.family, parts.pipeline.unet, parts.dtype
     resolution = settings.resolution or parts.resolution
     trained = prepare_encoders(parts, settings)
@@ -251,8 +252,9 @@ def run(parts, targets: list[Target], settings: EraseSettings,
     frozen = frozen_conditioning(pipeline, family, keep + anchors, resolution, dtype)
     if settings.until:
         frozen[""] = empty or conditioning_tensors(conditioning(pipeline, family, [""], resolution, dtype))
+        blank = {} if blank is None else blank
         if baseline is None:
-            baseline = {t.concept: advantage(parts, t, scheduler, frozen[""], settings) for t in targets}
+            baseline = {t.concept: advantage(parts, t, scheduler, frozen[""], settings, blank) for t in targets}
     losses, retains, trajectory = [], [], []
     device = unet.device
     published_length = sum(settings.replace(steps=None).step_count(t.image_count) for t in targets)
@@ -298,8 +300,8 @@ def run(parts, targets: list[Target], settings: EraseSettings,
         on_step(step, loss.item())
         if settings.until and (step + 1) % settings.until_window == 0:
             # every `until_window` steps, on fixed noise: the check costs about as much as one step per picture
-            entry["advantage"] = checks = {targets[i].concept: advantage(parts, targets[i], scheduler, frozen[""], settings)
-                                           for i in active}
+            entry["advantage"] = checks = {
+                targets[i].concept: advantage(parts, targets[i], scheduler, frozen[""], settings, blank) for i in active}
             if step + 1 >= earliest_stop:
                 # a steered concept (--anchor) is not "gone" by this rule: it runs the full schedule
                 still = [i for i in active
@@ -317,26 +319,35 @@ NO_GRAD_ROWS = 4  # x the run's batch size per UNet call: without gradients a fo
 
 
 @torch.no_grad()
-def advantage(parts, target: Target, scheduler, empty: list[torch.Tensor], settings: EraseSettings) -> float:
+def advantage(parts, target: Target, scheduler, empty: list[torch.Tensor], settings: EraseSettings,
+              blank: dict[str, float] | None = None) -> float:
     """How much better the concept's captions denoise its own pictures than the ORIGINAL encoder's empty caption
     does, on fixed noise and timesteps: above 0 the text still carries the concept, at or below 0 nothing of it.
-    One batch's worth of this is too noisy to stop on (measured on the demo: runs stopped with the digit intact)."""
+    One batch's worth of this is too noisy to stop on (measured on the demo: runs stopped with the digit intact).
+    `blank` caches the empty caption's loss per concept: frozen UNet, frozen conditioning and fixed noise make it
+    the same at every check of a run, so only the first check pays for it."""
     pipeline, family, unet = parts.pipeline, parts.family, parts.pipeline.unet
     generator = torch.Generator().manual_seed(ADVANTAGE_SEED)
     latents = target.latents[: target.image_count].repeat(ADVANTAGE_REPEATS, 1, 1, 1)
     noisy, timesteps, goal = noised(latents, scheduler, generator)
     captions = [fill(target.templates[i % len(target.templates)], target.concept) for i in range(len(latents))]
+    blank = {} if blank is None else blank
+    known = target.concept in blank
     with_text = without_text = 0.0
     chunk = settings.batch_size * NO_GRAD_ROWS
     for start in range(0, len(latents), chunk):
         rows = slice(start, start + chunk)
         count = len(captions[rows])
         cond = conditioning(pipeline, family, captions[rows], settings.resolution, parts.dtype)
-        blank = as_cond([t.expand(count, *t.shape[1:]) for t in empty], cond)
         want = goal[rows].float()
         with_text += F.mse_loss(unet(noisy[rows], timesteps[rows], **cond).sample.float(), want, reduction="sum").item()
-        without_text += F.mse_loss(unet(noisy[rows], timesteps[rows], **blank).sample.float(), want, reduction="sum").item()
-    return (without_text - with_text) / goal.numel()
+        if not known:
+            empty_cond = as_cond([t.expand(count, *t.shape[1:]) for t in empty], cond)
+            without_text += F.mse_loss(unet(noisy[rows], timesteps[rows], **empty_cond).sample.float(), want,
+                                       reduction="sum").item()
+    if not known:
+        blank[target.concept] = without_text / goal.numel()
+    return blank[target.concept] - with_text / goal.numel()
 
 
 def gone(before: float, after: float) -> bool:
