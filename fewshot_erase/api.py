@@ -148,6 +148,8 @@ def erase_concepts(
     if settings.get("templates") is not None:
         settings["templates"] = prompts.check_templates(settings["templates"])
     recommended = _recommended(source, len(specs))
+    if "epochs" in settings:  # a schedule in epochs is the caller's choice of length: the model's steps give way
+        recommended.pop("steps", None)
     run_settings = EraseSettings(concept=", ".join(s.concept for s in specs), **{**recommended, **settings})
     image_paths = [image_io.find_image_files(spec.images) for spec in specs]
     inputs = tuple(Path(p) for spec in specs for p in spec.images) + ((source.path,) if source.path else ())

@@ -83,3 +83,13 @@ def test_the_demo_target_compares_each_cli_run_with_the_import_floor_beside_it()
     report = {"interpreter": {"help_s": [0.3], "usage_error_s": [0.3]}, "cases": [case]}
     (demo,) = [v for v in verdicts(report) if v["target"].startswith("demo CLI erase")]
     assert demo["value"] == 2 and demo["met"]
+
+
+def test_bare_cases_erase_with_the_published_method_alone(tmp_path):
+    from fewshot_erase.bench import Case, erase_command
+
+    bare = erase_command(Case("demo", bare=True), tmp_path, tmp_path / "pictures", tmp_path / "out", "cpu", "auto")
+    default = erase_command(Case("demo"), tmp_path, tmp_path / "pictures", tmp_path / "out", "cpu", "auto")
+    assert "--no-preserve" in bare and bare[bare.index("--until") + 1] == "steps" and bare[bare.index("--epochs") + 1] == "4"
+    assert "--no-preserve" not in default and "--until" not in default and "--epochs" not in default
+    assert Case("demo", bare=True).label == "demo @ default bare"

@@ -106,3 +106,11 @@ def test_until_steps_runs_the_whole_schedule_on_the_demo(tmp_path):
     record = json.loads((tmp_path / "erased" / "erase.json").read_text())
     assert record["steps"] == 8 and not record["stopped_early"]
     assert record["settings"]["until"] is None and "until" not in record["recommended_by_model"]
+
+
+def test_epochs_take_the_place_of_the_demos_recommended_steps(tmp_path):
+    result = run_cli("erase", "seven", SAMPLES / "seven", "--until", "steps", "--epochs", 1, "-o", tmp_path / "erased")
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "erased" / "erase.json").read_text())
+    assert record["steps"] == 3  # six pictures, batch 2: one epoch
+    assert "steps" not in record["recommended_by_model"]

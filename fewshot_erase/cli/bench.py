@@ -78,12 +78,13 @@ def target_table(report: dict):
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto", show_default=True)
 @click.option("--low-memory", is_flag=True, help="Erase with --low-memory (the floor then recomputes activations too).")
+@click.option("--bare", is_flag=True, help="Erase with the published method alone (--no-preserve --until steps, 4 epochs unless --steps): the loop the floor prices.")
 @click.option("--repeat", type=int, default=1, show_default=True, help="Runs per case; the one with the fastest loop is reported.")
 @click.option("--no-cli", is_flag=True, help="Skip the whole-CLI run per case (halves the time of full-size cases).")
 @click.option("--workdir", type=click.Path(), help="Where random-weight models are built once (default ~/.cache/fewshot-erase/bench).")
 @click.option("-o", "--output", type=click.Path(), help="Also write the JSON report to this file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report on stdout and nothing else there.")
-def bench_command(models, resolutions, steps, device, dtype, low_memory, repeat, no_cli, workdir, output, as_json):
+def bench_command(models, resolutions, steps, device, dtype, low_memory, bare, repeat, no_cli, workdir, output, as_json):
     """Time each phase of a real erase, compare the training loop with its floor, and report peak memory.
 
     The floor is one bare forward and backward of the frozen UNet with respect to the conditioning, times the
@@ -91,7 +92,7 @@ def bench_command(models, resolutions, steps, device, dtype, low_memory, repeat,
     with handled():
         from ..bench import Case, default_workdir, run_benchmark
 
-        cases = [Case(model, _resolution(resolution), steps, low_memory) for model in models or ("demo",)
+        cases = [Case(model, _resolution(resolution), steps, low_memory, bare) for model in models or ("demo",)
                  for resolution in resolutions or ("default",)]
         report = run_benchmark(cases, Path(workdir) if workdir else default_workdir(), device=device, dtype=dtype,
                                repeats=repeat, with_cli=not no_cli,
