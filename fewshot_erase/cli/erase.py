@@ -53,7 +53,6 @@ def erase_command(concept, images, output, model, style, templates, seed, steps,
         "style": style or None, "templates": tuple(templates) or None, "seed": seed, "steps": steps, "epochs": epochs,
         "lr": lr, "batch_size": batch_size, "resolution": resolution, "train": train, "encoder": encoder,
         "flip": False if no_flip else None, "device": device, "dtype": dtype, "low_memory": low_memory or None,
-        "until": until if until == "gone" else None,
         "preserve_weight": 0.0 if no_preserve else preserve_weight,
     }
     with handled(quiet):
@@ -75,7 +74,8 @@ def erase_command(concept, images, output, model, style, templates, seed, steps,
         result = erase_concepts(specs, output, model=model, overwrite=overwrite, config=config,
                                 allow_pickle=allow_pickle, progress=rich_progress(quiet),
                                 **{key: value for key, value in chosen.items() if value is not None},
-                                **({"until": None} if until == "steps" else {}))
+                                # "steps" is an explicit None: it overrides a model's recommended "gone"
+                                **({"until": {"gone": "gone", "steps": None}[until]} if until else {}))
     if as_json:
         print_json(result.summary())
     elif not quiet:
