@@ -55,7 +55,8 @@ def report(before: Snapshot, after: Snapshot) -> dict:
     largest first (the concepts the erase dragged along most)."""
     erased = {
         concept: {"advantage_before": before.advantage[concept], "advantage_after": after.advantage[concept],
-                  "gone": gone(before.advantage[concept], after.advantage[concept])}
+                  "empty_caption_loss": before.blank[concept],
+                  "gone": gone(before.advantage[concept], after.advantage[concept], before.blank[concept])}
         for concept in before.advantage
     }
     drifts = {name: drift(before.kept[name], after.kept[name]) for name in before.kept}

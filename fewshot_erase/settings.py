@@ -41,7 +41,7 @@ class EraseSettings:
     # Preservation: other concepts whose conditioning must not drift (filled into the same templates).
     preserve: tuple[str, ...] = ()
     preserve_weight: float = 0.0
-    preserve_batch: int = 8
+    preserve_batch: int = 12  # kept concepts per step: the demo's nine, SD's 12 nearest, all every step
     # Steering: the concept's captions should generate this instead (None: the published pure ascent).
     anchor: Optional[str] = None
     # Stopping on evidence: "gone" checks every `until_window` steps, on fixed noise, whether each concept's captions

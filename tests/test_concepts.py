@@ -113,11 +113,12 @@ def test_until_takes_a_concept_found_gone_out_of_the_rotation(tiny_model, pictur
 
 @pytest.mark.parametrize("before, after, gone", [
     (0.002, 0.0005, False),   # still helps
-    (0.002, -0.001, False),   # no better than the empty caption, but not pushing away as hard as it pulled
-    (0.002, -0.002, True),
-    (-0.001, -0.0001, True),  # the captions never helped: no better than empty is gone
+    (0.002, -0.002, False),   # pushes away as hard as it pulled, but within the noise of the estimate
+    (0.002, -0.011, True),    # and by more than a tenth of the empty caption's loss (0.08 here)
+    (-0.001, -0.0001, False),  # the captions never helped (a noisy estimate): the margin alone decides
+    (-0.001, -0.009, True),
 ])
-def test_gone_means_the_captions_now_push_away_as_hard_as_they_pulled(before, after, gone):
+def test_gone_means_the_captions_now_push_away_as_hard_as_they_pulled_and_then_some(before, after, gone):
     from fewshot_erase.unlearning import gone as is_gone
 
-    assert is_gone(before, after) is gone
+    assert is_gone(before, after, blank=0.08) is gone
