@@ -186,7 +186,7 @@ def main(argv=None):
     ap.add_argument("--out", default=os.path.join(REPO, "fewshot_erase", "demo"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vae-steps", type=int, default=200)
-    ap.add_argument("--steps", type=int, default=4000)
+    ap.add_argument("--steps", type=int, default=3400)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--captions-per-step", type=int, default=64)
     ap.add_argument("--lr", type=float, default=2e-3)
