@@ -158,7 +158,7 @@ def preserve_pool(preserve: tuple[str, ...], templates, rng: random.Random) -> d
 def preserve_rows(pool: dict[str, list[str]], batch: int, rng: random.Random):
     """Per step, the captions the retain term compares: `batch` kept concepts in turn (every one of them each step
     when there are no more), each in one of its captions. Drawing captions at random from the whole pool left a
-    similar concept unguarded for a few steps, and those steps cost it: on the demo, erasing "three" took "five"
+    similar concept unguarded for a few steps, and those steps cost it: on an earlier demo, erasing "three" took "five"
     from 100% to 52%; every concept every step kept it at 100% for the same cost."""
     concepts, start = list(pool), 0
     while True:
