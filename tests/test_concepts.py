@@ -92,7 +92,7 @@ def test_two_concept_manifest_and_until_record_each_concept(tiny_model, pictures
 @pytest.mark.parametrize("cube_anchor, cube_advantage", [(None, 1.0), ("red ball", -1.0)])
 def test_until_takes_a_concept_found_gone_out_of_the_rotation(tiny_model, pictures, tmp_path, monkeypatch,
                                                               cube_anchor, cube_advantage):
-    from fewshot_erase import unlearning
+    from fewshot_erase import effects, unlearning  # noqa: F401 -- effects first: the report keeps the real measure
     from fewshot_erase.api import erase_concepts
 
     # The in-loop checks read "tiny robot" as gone every time; "blue cube" either still there, or steered to an
@@ -122,3 +122,16 @@ def test_gone_means_the_captions_now_push_away_as_hard_as_they_pulled_and_then_s
     from fewshot_erase.unlearning import gone as is_gone
 
     assert is_gone(before, after, blank=0.08) is gone
+
+
+@pytest.mark.parametrize("readings, finished", [
+    ([-0.002, -0.014], True),                  # gone at the last check
+    ([-0.009, -0.009], False),                 # pushed away by the margin, not yet for three checks in a row
+    ([-0.009, -0.0095, -0.009], True),         # three in a row: held there by the retain term, done
+    ([-0.009, -0.007, -0.009, -0.009], False),  # one check short of the margin breaks the run
+])
+def test_a_concept_pushed_away_for_three_checks_in_a_row_is_done_even_if_it_pulled_hard_before(readings, finished):
+    from fewshot_erase.unlearning import finished as is_finished
+
+    # before +0.005 (a strong pull): "gone" needs -0.013 with an empty-caption loss of 0.08; the margin is -0.008
+    assert is_finished(0.005, readings, blank=0.08) is finished
