@@ -46,7 +46,8 @@ class EraseSettings:
     anchor: Optional[str] = None
     # Stopping on evidence: "gone" checks every `until_window` steps, on fixed noise, whether each concept's captions
     # now steer the denoising of its pictures away from them as strongly as they steered it toward them before, by a
-    # margin (unlearning.gone); a concept found gone leaves the rotation, and the run stops once none is left and the
+    # margin (unlearning.gone), or have pushed away by the margin at three checks in a row (unlearning.finished); a
+    # concept found done leaves the rotation, and the run stops once none is left and the
     # preserve drift of the last window is <= `until_drift`. steps is the cap.
     until: Optional[str] = None
     until_window: int = 4

@@ -32,7 +32,7 @@ from .render import effect_lines, handled, print_json, rich_progress
 @click.option("--no-preserve", is_flag=True, help="The bare published method: no preservation term.")
 @click.option("--until", type=click.Choice(["gone", "steps"]),
               help="gone: stop once each concept's captions push the denoising of its images away as strongly as they "
-                   "pulled before (--steps is the cap); steps: run every step (the published method; the demo's default is gone).")
+                   "pulled before, or hold them pushed away for three checks (--steps is the cap); steps: run every step (the published method; the demo's default is gone).")
 @click.option("--no-flip", is_flag=True, help="Do not add mirrored copies of the images.")
 @click.option("--device", help="cpu, cuda, cuda:N (default: cuda if available).")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), help="Dtype of the frozen UNet and VAE.")
