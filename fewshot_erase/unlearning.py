@@ -279,7 +279,6 @@ def run(parts, targets: list[Target], settings: EraseSettings,
     # full 12 erase (seven: 28% at 8 steps, 0% at 12). It only goes on, up to --steps, where that was not enough.
     earliest_stop = min(published_length, steps)
     active = list(range(len(targets)))  # with --until, a concept found gone leaves the rotation
-    readings: dict[str, list[float]] = {}  # per concept, its advantage at every check
     for step in range(steps):
         index = active[step % len(active)]  # several concepts take turns, each with its own pictures
         target, picked = targets[index], next(streams[index])
@@ -319,13 +318,12 @@ def run(parts, targets: list[Target], settings: EraseSettings,
             # every `until_window` steps, on fixed noise: the check costs about as much as one step per picture
             entry["advantage"] = checks = {
                 targets[i].concept: advantage(parts, targets[i], scheduler, frozen[""], settings, blank) for i in active}
-            for concept, reading in checks.items():
-                readings.setdefault(concept, []).append(reading)
             if step + 1 >= earliest_stop:
                 # a steered concept (--anchor) is not "gone" by this rule: it runs the full schedule
                 still = [i for i in active
                          if targets[i].anchor or not finished(baseline[targets[i].concept],
-                                                              readings[targets[i].concept], blank[targets[i].concept])]
+                                                              readings(trajectory, targets[i].concept),
+                                                              blank[targets[i].concept])]
                 if not still and drift_ok(trajectory, settings):
                     return LoopResult(losses, retains, trajectory, True, trained)
                 # a concept already gone is not pushed further: more ascent on it only drags the others along
@@ -398,6 +396,11 @@ def finished(before: float, readings: list[float], blank: float) -> bool:
     """Gone at the last check, or pushed away by the margin at each of the last STALL_CHECKS checks."""
     stalled = len(readings) >= STALL_CHECKS and all(r <= -GONE_MARGIN * blank for r in readings[-STALL_CHECKS:])
     return gone(before, readings[-1], blank) or stalled
+
+
+def readings(trajectory: list[dict], concept: str) -> list[float]:
+    """The concept's advantage at every check so far, as the trajectory recorded it."""
+    return [e["advantage"][concept] for e in trajectory if concept in e.get("advantage", {})]
 
 
 def drift_ok(trajectory: list[dict], settings: EraseSettings) -> bool:
