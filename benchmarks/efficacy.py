@@ -3,6 +3,7 @@ held-out real digits, whether the digit is gone and whether the other nine survi
 
     python -m benchmarks.efficacy                       # all ten digits, 50 images per prompt, every method
     python -m benchmarks.efficacy --digits 7 --images 20 --methods published,default
+    python -m benchmarks.efficacy --methods default --seeds 0,1,2     # the default at three erase seeds
 
 Everything goes through the public API (`fewshot_erase.erase`, `fewshot_erase.api.erase_concepts`).
 Writes JSON and a PNG grid, prints a rich table. Needs the test extra (scikit-learn).
@@ -90,9 +91,11 @@ def measure(parts, generation, base: dict, erased: list[int], options: dict, see
                        for kind in PROMPTS} for d in erased},
         "others": {d: {"before": base[d]["word"], "after": judged(pipe, prompt_for("word", d), d, seeds, generation)}
                    for d in others},
+        "output": output,  # a temporary folder: the caller takes it out before saving
         "erase_seconds": wall,
         "train_seconds": result.timings["train"],
-        "steps": len(result.losses),
+        "steps": result.record["steps"],
+        "repair_steps": result.record["repair_steps"],
         "effects": result.record["effects"],
     }
     if anchor is not None:
@@ -125,6 +128,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--images", type=int, default=50, help="images per prompt (M)")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--multi", default="2,5,7", help="digits erased together in one run ('' to skip)")
+    parser.add_argument("--seeds", default="0", help="erase seeds: each run once per seed (the judged images keep theirs)")
     parser.add_argument("--json", default="benchmarks/results/efficacy.json")
     parser.add_argument("--grid", default="benchmarks/results/efficacy.png")
     args = parser.parse_args(argv)
@@ -135,45 +139,55 @@ def main(argv=None) -> dict:
 
     torch.set_num_threads(2)
     digits = [int(d) for d in args.digits.split(",") if d]
+    erase_seeds = [int(s) for s in args.seeds.split(",")]
     seeds = list(range(1000, 1000 + args.images))
     parts, generation = load_base()
     base = accuracy_table(parts.pipeline, seeds, generation)
-    results = {"images_per_prompt": args.images, "generation": vars(generation), "base": base, "methods": {}}
+    results = {"images_per_prompt": args.images, "erase_seeds": erase_seeds, "generation": vars(generation),
+               "base": base, "methods": {}, "multi": []}
     table = Table(title=f"efficacy on the demo model ({args.images} images per prompt)")
-    for column in ("method", "digit", "word before->after", "numeral", "held-out", "others mean", "worst drop", "anchor", "s"):
+    for column in ("method", "digit", "seed", "word before->after", "numeral", "held-out", "others mean", "worst drop",
+                   "anchor", "steps", "s"):
         table.add_column(column)
+    grid_outputs = {}  # method -> its erase of seven at the first seed, for the grid
     with tempfile.TemporaryDirectory() as workdir:
         workdir = Path(workdir)
         for method in args.methods.split(","):
-            runs = results["methods"][method] = {}
-            for digit in digits:
-                options = METHODS[method]
-                if method == "anchor" and digit == 1:
-                    options = {**options, "anchor": "seven"}
-                runs[digit] = report = measure(parts, generation, base, [digit], options, seeds, workdir)
-                save(results, args.json)  # after every run: a long benchmark stopped early keeps what it measured
-                e = report["erased"][digit]
-                table.add_row(method, str(digit), f"{e['word']['before']:.0%} -> {e['word']['after']:.0%}",
-                              f"{e['numeral']['before']:.0%} -> {e['numeral']['after']:.0%}",
-                              f"{e['heldout']['before']:.0%} -> {e['heldout']['after']:.0%}",
-                              f"{report['others_mean_before']:.1%} -> {report['others_mean_after']:.1%}",
-                              f"{report['others_worst_drop']:.0%}",
-                              f"{report['anchor'][digit]:.0%}" if "anchor" in report else "",
-                              f"{report['erase_seconds']:.1f}")
-        if args.multi:
-            multi = [int(d) for d in args.multi.split(",")]
-            report = measure(parts, generation, base, multi, {}, seeds, workdir)
-            results["multi"] = report
-            table.add_row("default, together", ",".join(map(str, multi)),
+            runs = results["methods"][method] = []
+            for seed in erase_seeds:
+                for digit in digits:
+                    options = {**METHODS[method], "seed": seed}
+                    if method == "anchor" and digit == 1:
+                        options["anchor"] = "seven"
+                    report = {"digits": [digit], "seed": seed,
+                              **measure(parts, generation, base, [digit], options, seeds, workdir)}
+                    output = report.pop("output")
+                    if digit == 7 and seed == erase_seeds[0]:
+                        grid_outputs[method] = output
+                    runs.append(report)
+                    save(results, args.json)  # after every run: a long benchmark stopped early keeps what it measured
+                    e = report["erased"][digit]
+                    table.add_row(method, str(digit), str(seed), f"{e['word']['before']:.0%} -> {e['word']['after']:.0%}",
+                                  f"{e['numeral']['before']:.0%} -> {e['numeral']['after']:.0%}",
+                                  f"{e['heldout']['before']:.0%} -> {e['heldout']['after']:.0%}",
+                                  f"{report['others_mean_before']:.1%} -> {report['others_mean_after']:.1%}",
+                                  f"{report['others_worst_drop']:.0%}",
+                                  f"{report['anchor'][digit]:.0%}" if "anchor" in report else "",
+                                  str(report["steps"]), f"{report['erase_seconds']:.1f}")
+        multi = [int(d) for d in args.multi.split(",") if d]
+        for seed in erase_seeds if multi else []:
+            report = {"digits": multi, "seed": seed, **measure(parts, generation, base, multi, {"seed": seed}, seeds, workdir)}
+            report.pop("output")
+            results["multi"].append(report)
+            save(results, args.json)
+            table.add_row("default, together", ",".join(map(str, multi)), str(seed),
                           " ".join(f"{report['erased'][d]['word']['before']:.0%}->{report['erased'][d]['word']['after']:.0%}" for d in multi),
                           "", "", f"{report['others_mean_before']:.1%} -> {report['others_mean_after']:.1%}",
-                          f"{report['others_worst_drop']:.0%}", "", f"{report['erase_seconds']:.1f}")
-        outputs = {m: next((workdir / n).glob("*")) for m, n in (("published", "seven"), ("default", "seven"))
-                   if (workdir / n).exists()} if 7 in digits else {}
+                          f"{report['others_worst_drop']:.0%}", "", str(report["steps"]), f"{report['erase_seconds']:.1f}")
         Path(args.grid).parent.mkdir(parents=True, exist_ok=True)
-        if outputs:
-            grid_image(parts, generation, outputs, seeds[:8]).save(args.grid)
-    results["summary"] = summarise(results, digits)
+        if grid_outputs:
+            grid_image(parts, generation, grid_outputs, seeds[:8]).save(args.grid)
+    results["summary"] = summarise(results)
     save(results, args.json)
     Console().print(table)
     Console().print_json(json.dumps(results["summary"]))
@@ -185,21 +199,29 @@ def save(results: dict, path: str) -> None:
     Path(path).write_text(json.dumps(results, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def summarise(results: dict, digits: list[int]) -> dict:
-    """Averages over the digits per method: what the README quotes."""
+def summarise(results: dict) -> dict:
+    """Per method, over every run (each digit, each erase seed): what the README quotes."""
     summary = {}
-    for method, runs in results["methods"].items():
-        erased = [runs[d]["erased"][d] for d in digits]
+    groups = {**results["methods"], **({"multi": results["multi"]} if results["multi"] else {})}
+    for method, runs in groups.items():
+        erased = [e for run in runs for e in run["erased"].values()]
+        seconds = sorted(run["erase_seconds"] for run in runs)
         summary[method] = {
+            "runs": len(runs),
             "erased_word_after": sum(e["word"]["after"] for e in erased) / len(erased),
+            "erased_word_worst": max(e["word"]["after"] for e in erased),
             "erased_numeral_after": sum(e["numeral"]["after"] for e in erased) / len(erased),
             "erased_heldout_after": sum(e["heldout"]["after"] for e in erased) / len(erased),
-            "others_mean_drop": sum(runs[d]["others_mean_before"] - runs[d]["others_mean_after"] for d in digits) / len(digits),
-            "others_worst_drop": max(runs[d]["others_worst_drop"] for d in digits),
-            "erase_seconds": sum(runs[d]["erase_seconds"] for d in digits) / len(digits),
+            "others_mean_drop": sum(run["others_mean_before"] - run["others_mean_after"] for run in runs) / len(runs),
+            "others_mean_drop_worst": max(run["others_mean_before"] - run["others_mean_after"] for run in runs),
+            "others_worst_drop": max(run["others_worst_drop"] for run in runs),
+            "steps": [min(run["steps"] for run in runs), max(run["steps"] for run in runs),
+                      sum(run["steps"] for run in runs) / len(runs)],
+            "erase_seconds": sum(seconds) / len(seconds),
+            "erase_seconds_median": (seconds[(len(seconds) - 1) // 2] + seconds[len(seconds) // 2]) / 2,
         }
         if method == "anchor":
-            summary[method]["anchor_hit"] = sum(next(iter(runs[d]["anchor"].values())) for d in digits) / len(digits)
+            summary[method]["anchor_hit"] = sum(v for run in runs for v in run["anchor"].values()) / len(runs)
     return summary
 
 

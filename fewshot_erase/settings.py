@@ -51,7 +51,7 @@ class EraseSettings:
     # preserve drift of the last window is <= `until_drift`. steps is the cap.
     until: Optional[str] = None
     until_window: int = 4
-    until_drift: float = 0.05
+    until_drift: float = 0.02
 
     def __post_init__(self):
         checks = [

@@ -76,7 +76,7 @@ def test_two_concept_manifest_and_until_record_each_concept(tiny_model, pictures
     manifest.write_text(json.dumps([{"concept": "tiny robot", "images": str(pictures)},
                                     {"concept": "blue cube", "images": str(pictures), "anchor": "red ball"}]))
     result = run_cli("erase", "--manifest", manifest, "-o", tmp_path / "out", *tiny_model("sd1").model_args("folder"),
-                     "--steps", "6", "--lr", "1e-3", "--preserve", "green tree", "--preserve-weight", "1", "--until", "gone")
+                     "--steps", "8", "--lr", "1e-3", "--preserve", "green tree", "--preserve-weight", "1", "--until", "gone")
     assert result.exit_code == 0, result.output
     record = json.loads((tmp_path / "out" / "erase.json").read_text())
     assert [c["concept"] for c in record["concepts"]] == ["tiny robot", "blue cube"]
@@ -84,9 +84,10 @@ def test_two_concept_manifest_and_until_record_each_concept(tiny_model, pictures
     assert record["settings"]["preserve"] == ["green tree"]
     assert {e["concept"] for e in record["trajectory"]} == {"tiny robot", "blue cube"}
     assert all("retain" in e for e in record["trajectory"])
-    checks = [e["advantage"] for e in record["trajectory"] if "advantage" in e]  # every 4 steps, on fixed noise
+    # every 4 steps once the run may stop (here the cap, 8: the published schedule would be 16), on fixed noise
+    checks = [e["advantage"] for e in record["trajectory"] if "advantage" in e]
     assert checks and all(set(check) == {"tiny robot", "blue cube"} for check in checks)
-    assert len(record["trajectory"]) == record["steps"] <= 6
+    assert len(record["trajectory"]) == record["steps"] <= 8
 
 
 @pytest.mark.parametrize("cube_anchor, cube_advantage", [(None, 1.0), ("red ball", -1.0)])
@@ -107,8 +108,29 @@ def test_until_takes_a_concept_found_gone_out_of_the_rotation(tiny_model, pictur
     concepts = [entry["concept"] for entry in result.record["trajectory"]]
     assert len(concepts) == 24 and not result.record["stopped_early"]
     assert set(concepts[:16]) == {"tiny robot", "blue cube"} and set(concepts[16:]) == {"blue cube"}
+    assert not any("advantage" in entry for entry in result.record["trajectory"][:15])  # none before it may stop
     assert set(result.record["trajectory"][15]["advantage"]) == {"tiny robot", "blue cube"}
     assert set(result.record["trajectory"][19]["advantage"]) == {"blue cube"}
+
+
+@pytest.mark.parametrize("bound, repairs", [(1.0, 0), (0.0, 16)])
+def test_until_pulls_dragged_concepts_back_before_it_stops(tiny_model, pictures, tmp_path, monkeypatch, bound, repairs):
+    from fewshot_erase import effects, unlearning  # noqa: F401 -- effects first: the report keeps the real measure
+    from fewshot_erase.api import erase_concepts
+
+    # The robot reads as gone at every check. Within the drift bound the run stops at the first check (8 steps:
+    # 3 pictures, batch 2, 4 epochs); past it, the remaining steps only pull the kept caption back: no more ascent.
+    monkeypatch.setattr(unlearning, "advantage", lambda *args, **kwargs: -1.0)
+    result = erase_concepts([ConceptSpec("tiny robot", (str(pictures),))], tmp_path / "out",
+                            model=str(tiny_model("sd1").folder), steps=24, lr=1e-3, until="gone",
+                            preserve=("green tree",), preserve_weight=1.0, until_drift=bound)
+    trajectory = result.record["trajectory"]
+    assert result.record["steps"] == len(trajectory) == 8 + repairs
+    assert result.record["repair_steps"] == repairs and len(result.losses) == 8
+    assert all(entry.get("repair") for entry in trajectory[8:]) and not any(e.get("repair") for e in trajectory[:8])
+    assert result.record["stopped_early"] == (repairs == 0)
+    if repairs:
+        assert trajectory[-1]["drift_worst"] < trajectory[7]["drift_worst"] / 2
 
 
 @pytest.mark.parametrize("before, after, gone", [
