@@ -55,6 +55,7 @@ class EraseResult:
             "model": self.record["base"]["model"],
             "family": self.record["base"]["family"],
             "steps": self.record["steps"],
+            "repair_steps": self.record.get("repair_steps", 0),
             "loss_first": self.losses[0],
             "loss_last": self.losses[-1],
             "timings": self.timings,

@@ -32,7 +32,9 @@ from .render import effect_lines, handled, print_json, rich_progress
 @click.option("--no-preserve", is_flag=True, help="The bare published method: no preservation term.")
 @click.option("--until", type=click.Choice(["gone", "steps"]),
               help="gone: stop once each concept's captions push the denoising of its images away as strongly as they "
-                   "pulled before, or hold them pushed away for three checks (--steps is the cap); steps: run every step (the published method; the demo's default is gone).")
+                   "pulled before, or hold them pushed away for three checks, and no kept caption has drifted past the bound "
+                   "(retain-only repair steps until then; --steps is the cap); steps: run every step (the published "
+                   "method; the demo's default is gone).")
 @click.option("--no-flip", is_flag=True, help="Do not add mirrored copies of the images.")
 @click.option("--device", help="cpu, cuda, cuda:N (default: cuda if available).")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), help="Dtype of the frozen UNet and VAE.")
@@ -80,7 +82,8 @@ def erase_command(concept, images, output, model, style, templates, seed, steps,
         print_json(result.summary())
     elif not quiet:
         s = result.summary()
-        click.echo(f"erased {s['concept']!r} from {s['model']} in {s['steps']} steps "
+        repairs = f", {s['repair_steps']} of them repair steps" if s["repair_steps"] else ""
+        click.echo(f"erased {s['concept']!r} from {s['model']} in {s['steps']} steps{repairs} "
                    f"(loss {s['loss_first']:.4f} -> {s['loss_last']:.4f}, {s['timings']['total']:.1f} s): {s['output']}")
         for line in effect_lines(s["effects"]):
             click.echo(line)
