@@ -46,7 +46,7 @@ class EraseSettings:
     anchor: Optional[str] = None
     # Stopping on evidence: "gone" checks every `until_window` steps, on fixed noise, whether each concept's captions
     # now steer the denoising of its pictures away from them as strongly as they steered it toward them before, by a
-    # margin (unlearning.gone), or have pushed away by the margin at three checks in a row (unlearning.finished); a
+    # margin (unlearning.gone), or have pushed away by a smaller one at two checks in a row (unlearning.finished); a
     # concept found done leaves the rotation, and the run stops once none is left and no preserve caption of the
     # last window drifted more than `until_drift` (until then it takes retain-only repair steps). steps is the cap.
     # 0.02: on the demo the kept digit an erase damaged had drifted 0.022-0.035 when the run stopped, the others

@@ -32,7 +32,7 @@ from .render import effect_lines, handled, print_json, rich_progress
 @click.option("--no-preserve", is_flag=True, help="The bare published method: no preservation term.")
 @click.option("--until", type=click.Choice(["gone", "steps"]),
               help="gone: stop once each concept's captions push the denoising of its images away as strongly as they "
-                   "pulled before, or hold them pushed away for three checks, and no kept caption has drifted past the bound "
+                   "pulled before, or hold them pushed away for two checks, and no kept caption has drifted past the bound "
                    "(retain-only repair steps until then; --steps is the cap); steps: run every step (the published "
                    "method; the demo's default is gone).")
 @click.option("--no-flip", is_flag=True, help="Do not add mirrored copies of the images.")
