@@ -11,7 +11,7 @@ from .errors import BadInput
 from .models import PICKLE_SUFFIXES
 from .writers.text_encoder import RECORD_NAME
 
-RECORD_FIELDS = ("concept", "images", "base", "settings", "steps", "effects", "export", "applied")
+RECORD_FIELDS = ("concept", "images", "base", "settings", "steps", "repair_steps", "effects", "export", "applied")
 
 
 def inspect(path, patch=None) -> dict:

@@ -15,7 +15,7 @@ from tiny_pipelines import canonical_text_encoder_state_dict
 FAMILIES = ["sd1", "sd2", "sdxl"]
 FORMS = ["folder", "single-file", "hub"]
 ERASE = ["--steps", "8", "--lr", "1e-3", "--seed", "7"]
-RECORD_FIELDS = {"concept", "concepts", "images", "base", "base_fingerprints", "settings", "steps", "losses",
+RECORD_FIELDS = {"concept", "concepts", "images", "base", "base_fingerprints", "settings", "steps", "repair_steps", "losses",
                  "versions", "timings", "trained_tensors", "device", "dtype", "format", "trajectory", "effects"}
 WEIGHT_FILES = {"sd1": ["model.safetensors"], "sd2": ["model.safetensors"],
                 "sdxl": ["text_encoder/model.safetensors", "text_encoder_2/model.safetensors"]}
