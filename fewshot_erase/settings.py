@@ -67,6 +67,7 @@ class EraseSettings:
             (self.preserve_weight >= 0, f"--preserve-weight must be zero or positive, got {self.preserve_weight}"),
             (self.until in (None, "gone"), f"--until must be 'gone', got {self.until!r}"),
             (self.until_window >= 1, f"the --until window must be at least 1, got {self.until_window}"),
+            (self.until_drift >= 0, f"the --until drift bound must be zero or positive, got {self.until_drift}"),
             (self.preserve_batch >= 1, f"the preserve batch must be at least 1, got {self.preserve_batch}"),
             (self.dtype in ("auto", "float32", "float16", "bfloat16"),
              f"--dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}"),

@@ -113,6 +113,14 @@ def test_until_takes_a_concept_found_gone_out_of_the_rotation(tiny_model, pictur
     assert set(result.record["trajectory"][19]["advantage"]) == {"blue cube"}
 
 
+def test_a_negative_drift_bound_is_refused_before_anything_runs(tmp_path):
+    from fewshot_erase.api import erase_concepts
+
+    with pytest.raises(BadInput, match="drift bound must be zero or positive"):
+        erase_concepts([ConceptSpec("seven", ("sample_images/seven",))], tmp_path / "out", until="gone", until_drift=-0.1)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("bound, repairs", [(1.0, 0), (0.0, 16)])
 def test_until_pulls_dragged_concepts_back_before_it_stops(tiny_model, pictures, tmp_path, monkeypatch, bound, repairs):
     from fewshot_erase import effects, unlearning  # noqa: F401 -- effects first: the report keeps the real measure
