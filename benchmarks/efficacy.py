@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -205,7 +206,7 @@ def summarise(results: dict) -> dict:
     groups = {**results["methods"], **({"multi": results["multi"]} if results["multi"] else {})}
     for method, runs in groups.items():
         erased = [e for run in runs for e in run["erased"].values()]
-        seconds = sorted(run["erase_seconds"] for run in runs)
+        seconds = [run["erase_seconds"] for run in runs]
         summary[method] = {
             "runs": len(runs),
             "erased_word_after": sum(e["word"]["after"] for e in erased) / len(erased),
@@ -217,8 +218,8 @@ def summarise(results: dict) -> dict:
             "others_worst_drop": max(run["others_worst_drop"] for run in runs),
             "steps": [min(run["steps"] for run in runs), max(run["steps"] for run in runs),
                       sum(run["steps"] for run in runs) / len(runs)],
-            "erase_seconds": sum(seconds) / len(seconds),
-            "erase_seconds_median": (seconds[(len(seconds) - 1) // 2] + seconds[len(seconds) // 2]) / 2,
+            "erase_seconds": statistics.mean(seconds),
+            "erase_seconds_median": statistics.median(seconds),
         }
         if method == "anchor":
             summary[method]["anchor_hit"] = sum(v for run in runs for v in run["anchor"].values()) / len(runs)
