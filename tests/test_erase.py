@@ -119,3 +119,17 @@ def test_python_api_returns_the_result(tiny_model, pictures, tmp_path):
     result = erase_api("tiny robot", [pictures], tmp_path / "out", model=str(tiny_model("sd1").folder), steps=3, seed=1)
     assert result.output == tmp_path / "out" and len(result.losses) == 3
     assert json.loads((tmp_path / "out" / "erase.json").read_text())["losses"] == result.losses
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_the_loop_conditions_the_unet_as_the_pipeline_does(tiny_model, family):
+    """SD 1.x and 2.x skip `encode_prompt`'s tokenizing (cached per caption); the result must still be its own
+    (SDXL calls it)."""
+    from fewshot_erase import families, unlearning
+
+    pipe = tiny_model(family).pipe
+    captions = ["a photo of a tiny robot", "", "a photo of a tiny robot", "tiny robot, " * 40]  # repeated, truncated
+    ours = unlearning.conditioning(pipe, families.FAMILIES[family], captions, 32, torch.float32, "cpu")
+    with torch.no_grad():
+        theirs = pipe.encode_prompt(captions, "cpu", 1, False)[0]
+    assert torch.equal(ours["encoder_hidden_states"].detach(), theirs)
