@@ -209,7 +209,8 @@ def erase_concepts(
     clock = time.perf_counter()
     with progress.phase("erasing", total=steps) as advance, out_of_memory_explained(run_settings):
         result = method.run(parts, targets, run_settings, on_step=lambda step, loss: advance(loss=loss),
-                            baseline=before.advantage, empty=before.empty, blank=before.blank)
+                            baseline=before.advantage, empty=before.empty, blank=before.blank,
+                            originals=before.originals)
     timings["train"] = time.perf_counter() - clock
     clock = time.perf_counter()
     with progress.phase("measuring the effect"), out_of_memory_explained(run_settings):

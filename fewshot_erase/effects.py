@@ -27,6 +27,7 @@ class Snapshot:
     kept: dict[str, list[torch.Tensor]]  # kept concept -> its conditioning tensors
     empty: list[torch.Tensor]  # the ORIGINAL encoder's empty-caption conditioning, one row: the reference both times
     blank: dict[str, float]  # per concept, the empty caption's loss on the fixed noise: the same before and after
+    originals: dict[str, list[torch.Tensor]]  # kept caption -> its conditioning (before: the retain term's too)
 
 
 @torch.no_grad()
@@ -42,7 +43,7 @@ def snapshot(parts, targets, kept: tuple[str, ...], settings, empty: list[torch.
     captions = {name: [fill(t, name) for t in templates] for name in kept}
     encoded = frozen_conditioning(pipeline, family, [c for group in captions.values() for c in group], resolution, dtype)
     kept_cond = {name: [torch.cat(rows) for rows in zip(*(encoded[c] for c in group))] for name, group in captions.items()}
-    return Snapshot(advantages, kept_cond, empty, blank)
+    return Snapshot(advantages, kept_cond, empty, blank, encoded)
 
 
 def drift(before: list[torch.Tensor], after: list[torch.Tensor]) -> float:

@@ -197,10 +197,13 @@ FROZEN_CHUNK = 16  # captions per encoder call when computing the originals: bat
 
 
 @torch.no_grad()
-def frozen_conditioning(pipeline, family, captions, resolution, dtype) -> dict[str, list[torch.Tensor]]:
-    """The ORIGINAL encoder's conditioning per caption, computed once before any weight moves."""
-    unique = list(dict.fromkeys(captions))
-    frozen = {}
+def frozen_conditioning(pipeline, family, captions, resolution, dtype,
+                        known: dict[str, list[torch.Tensor]] | None = None) -> dict[str, list[torch.Tensor]]:
+    """The ORIGINAL encoder's conditioning per caption, computed once before any weight moves; `known` ones (the
+    report's first snapshot encodes most of the preserve captions) are taken as they are."""
+    known = known or {}
+    unique = [caption for caption in dict.fromkeys(captions) if caption not in known]
+    frozen = {caption: known[caption] for caption in captions if caption in known}
     for start in range(0, len(unique), FROZEN_CHUNK):
         chunk = unique[start:start + FROZEN_CHUNK]
         tensors = conditioning_tensors(conditioning(pipeline, family, chunk, resolution, dtype))
@@ -280,10 +283,11 @@ def prepare_encoders(parts, settings: EraseSettings) -> dict:
 def run(parts, targets: list[Target], settings: EraseSettings,
         on_step: Callable[[int, float], None] = lambda step, loss: None,
         baseline: dict[str, float] | None = None, empty: list[torch.Tensor] | None = None,
-        blank: dict[str, float] | None = None) -> LoopResult:
+        blank: dict[str, float] | None = None, originals: dict[str, list[torch.Tensor]] | None = None) -> LoopResult:
     """`baseline`: each concept's advantage before training, `empty`: the original encoder's empty-caption
-    conditioning, `blank`: that caption's loss per concept, all as the report's first snapshot measured them
-    (computed here when not given); --until compares against them."""
+    conditioning, `blank`: that caption's loss per concept, `originals`: the original encoder's conditioning per
+    caption, all as the report's first snapshot measured them (computed here when not given); --until compares
+    against the first three, the retain term against the last."""
     pipeline, family, unet, dtype = parts.pipeline, parts.family, parts.pipeline.unet, parts.dtype
     resolution = settings.resolution or parts.resolution
     trained = prepare_encoders(parts, settings)
@@ -303,7 +307,7 @@ def run(parts, targets: list[Target], settings: EraseSettings,
     retained = preserve_rows(pool, settings.preserve_batch, captions_rng) if pool else None
     anchors = [fill(template, t.anchor) for t in targets if t.anchor for template in t.templates]
     frozen = frozen_conditioning(pipeline, family, [c for group in pool.values() for c in group] + anchors,
-                                 resolution, dtype)
+                                 resolution, dtype, originals)
     if settings.until:
         frozen[""] = empty or conditioning_tensors(conditioning(pipeline, family, [""], resolution, dtype))
         blank = {} if blank is None else blank
