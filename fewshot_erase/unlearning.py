@@ -214,10 +214,15 @@ def frozen_conditioning(pipeline, family, captions, resolution, dtype,
 def split_conditioning(cond: dict, count: int) -> tuple[dict, list[torch.Tensor]]:
     """One encoder call serves both terms: the first `count` rows condition the UNet, the rest are the preserve
     captions the retain term compares (a second call per step cost more than the extra rows)."""
-    head = {"encoder_hidden_states": cond["encoder_hidden_states"][:count]}
+    return select_rows(cond, slice(0, count)), [t[count:] for t in conditioning_tensors(cond)]
+
+
+def select_rows(cond: dict, rows) -> dict:
+    """Some rows of a conditioning (SDXL's pooled embeddings and time ids with them); `rows` a slice or an index."""
+    picked = {"encoder_hidden_states": cond["encoder_hidden_states"][rows]}
     if "added_cond_kwargs" in cond:
-        head["added_cond_kwargs"] = {key: value[:count] for key, value in cond["added_cond_kwargs"].items()}
-    return head, [t[count:] for t in conditioning_tensors(cond)]
+        picked["added_cond_kwargs"] = {key: value[rows] for key, value in cond["added_cond_kwargs"].items()}
+    return picked
 
 
 def stacked(frozen: dict, captions: list[str]) -> list[torch.Tensor]:
@@ -332,8 +337,11 @@ def run(parts, targets: list[Target], settings: EraseSettings,
             target, picked = targets[index], next(streams[index])
             chosen_templates = [captions_rng.choice(target.templates) for _ in picked]
             kept = next(retained) if retained else []
+            # At the first step no weight has moved: the retain term and its gradient are zero, and the kept rows would
+            # cost an encoder forward and backward for nothing (the rotation still moves on, as it would have).
+            compared = kept if step > 0 else []
             cond, kept_now = split_conditioning(
-                conditioning(pipeline, family, [fill(t, target.concept) for t in chosen_templates] + kept,
+                conditioning(pipeline, family, [fill(t, target.concept) for t in chosen_templates] + compared,
                              resolution, dtype, device),
                 len(picked))
             noisy, timesteps, goal = noised(target.latents[picked], scheduler, generator)
@@ -351,10 +359,12 @@ def run(parts, targets: list[Target], settings: EraseSettings,
             if not torch.isfinite(objective):
                 raise RunFailure(f"the loss became {objective.item()} at step {step + 1}; lower --lr (now {settings.lr}) or use --dtype float32")
             entry = {"concept": target.concept, "loss": loss.item()}
-            if kept:
-                drifts = caption_drifts(kept_now, stacked(frozen, kept))
+            if compared:
+                drifts = caption_drifts(kept_now, stacked(frozen, compared))
                 objective = objective + settings.preserve_weight * drifts.mean()
                 entry.update(retain=drifts.mean().item(), drift_worst=drifts.max().item())
+            elif kept:
+                entry.update(retain=0.0, drift_worst=0.0)
             optimizer.zero_grad(set_to_none=True)
             objective.backward()
             optimizer.step()
@@ -402,6 +412,10 @@ def advantage(parts, target: Target, scheduler, empty: list[torch.Tensor], setti
     latents = target.latents[: target.image_count].repeat(ADVANTAGE_REPEATS, 1, 1, 1)
     noisy, timesteps, goal = noised(latents, scheduler, generator)
     captions = [fill(target.templates[i % len(target.templates)], target.concept) for i in range(len(latents))]
+    # each distinct caption encoded once: the rows repeat them (ADVANTAGE_REPEATS, and more pictures than templates)
+    unique = list(dict.fromkeys(captions))
+    encoded = conditioning(pipeline, family, unique, settings.resolution, parts.dtype)
+    index = torch.tensor([unique.index(caption) for caption in captions])
     blank = {} if blank is None else blank
     known = target.concept in blank
     with_text = without_text = 0.0
@@ -409,7 +423,7 @@ def advantage(parts, target: Target, scheduler, empty: list[torch.Tensor], setti
     for start in range(0, len(latents), chunk):
         rows = slice(start, start + chunk)
         count = len(captions[rows])
-        cond = conditioning(pipeline, family, captions[rows], settings.resolution, parts.dtype)
+        cond = select_rows(encoded, index[rows])
         want = goal[rows].float()
         with_text += F.mse_loss(unet(noisy[rows], timesteps[rows], **cond).sample.float(), want, reduction="sum").item()
         if not known:
