@@ -70,8 +70,10 @@ def erased_pipeline(parts, output: Path):
     return pipe
 
 
-def measure(parts, generation, base: dict, erased: list[int], options: dict, seeds: list[int], workdir: Path) -> dict:
-    """Erase the digits in `erased` in one run with `options`; judge the erased and the other digits."""
+def measure(parts, generation, base: dict, erased: list[int], options: dict, seeds: list[int], workdir: Path,
+            kinds: tuple[str, ...] = tuple(PROMPTS)) -> dict:
+    """Erase the digits in `erased` in one run with `options`; judge the erased digits on the prompt `kinds` (the
+    others on the word prompt)."""
     from demo.data import DIGIT_WORDS
     from fewshot_erase.api import erase_concepts
     from fewshot_erase.concepts import ConceptSpec
@@ -89,7 +91,7 @@ def measure(parts, generation, base: dict, erased: list[int], options: dict, see
     others = [d for d in range(10) if d not in erased]
     report = {
         "erased": {d: {kind: {"before": base[d][kind], "after": judged(pipe, prompt_for(kind, d), d, seeds, generation)}
-                       for kind in PROMPTS} for d in erased},
+                       for kind in kinds} for d in erased},
         "others": {d: {"before": base[d]["word"], "after": judged(pipe, prompt_for("word", d), d, seeds, generation)}
                    for d in others},
         "output": output,  # a temporary folder: the caller takes it out before saving

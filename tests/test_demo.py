@@ -60,9 +60,8 @@ def test_readme_command_erases_seven_and_spares_the_others(base, tmp_path):
 def test_preservation_spares_the_other_digits_better_than_the_bare_method(base, tmp_path):
     parts, generation, table = base
     strength = {"until": None, "steps": 60}  # the same fixed schedule for both: only the retain term differs
-    bare = measure(parts, generation, table_with_all_kinds(parts, generation, table), [7], {**strength, "preserve_weight": 0.0},
-                   SEEDS, tmp_path)
-    kept = measure(parts, generation, table_with_all_kinds(parts, generation, table), [7], strength, SEEDS, tmp_path)
+    bare = measure(parts, generation, table, [7], {**strength, "preserve_weight": 0.0}, SEEDS, tmp_path, ("word",))
+    kept = measure(parts, generation, table, [7], strength, SEEDS, tmp_path, ("word",))
     assert kept["erased"][7]["word"]["after"] <= table[7]["word"] / 2
     assert kept["others_mean_after"] > bare["others_mean_after"]
     # and the run's own interference report says the same without a classifier
@@ -72,8 +71,8 @@ def test_preservation_spares_the_other_digits_better_than_the_bare_method(base, 
 def test_an_anchor_run_makes_the_erased_prompt_generate_the_anchor(base, tmp_path):
     parts, generation, table = base
     # the README's anchor recipe: the demo's preservation, 60 steps of steering
-    report = measure(parts, generation, table_with_all_kinds(parts, generation, table), [7],
-                     {"anchor": "one", "steps": 60, "until": None}, SEEDS, tmp_path)
+    report = measure(parts, generation, table, [7], {"anchor": "one", "steps": 60, "until": None}, SEEDS, tmp_path,
+                     ("word",))
     assert report["anchor"][7] >= 0.8
     assert report["others_mean_after"] >= report["others_mean_before"] - 0.05
 
@@ -94,10 +93,6 @@ def test_a_two_concept_manifest_erases_both_in_one_run(base, tmp_path):
     for digit in (5, 7):
         assert judged(pipe, prompt_for("word", digit), digit, SEEDS, generation) <= table[digit]["word"] / 2
 
-
-def table_with_all_kinds(parts, generation, table):
-    """`measure` reports every prompt kind; the tests only judge the word prompts, so reuse them for the rest."""
-    return {d: {"word": row["word"], "numeral": row["word"], "heldout": row["word"]} for d, row in table.items()}
 
 
 def test_until_steps_runs_the_whole_schedule_on_the_demo(tmp_path):
