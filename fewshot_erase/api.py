@@ -279,13 +279,14 @@ def _automatic_preserve(parts, specs, source, settings) -> tuple[str, ...]:
 def concept_similarity(parts, erased: list[str], candidates: tuple[str, ...]) -> dict[str, float]:
     import torch
 
+    from .unlearning import token_ids
+
     pipeline = parts.pipeline
 
     @torch.no_grad()
     def embed(words):
-        tokens = pipeline.tokenizer([prompts.fill("a photo of a {}", w) for w in words], padding="max_length",
-                                    max_length=pipeline.tokenizer.model_max_length, truncation=True, return_tensors="pt")
-        pooled = pipeline.text_encoder(tokens.input_ids.to(parts.device)).pooler_output.float()
+        ids, _ = token_ids(pipeline.tokenizer, [prompts.fill("a photo of a {}", w) for w in words])
+        pooled = pipeline.text_encoder(ids.to(parts.device)).pooler_output.float()
         return torch.nn.functional.normalize(pooled, dim=-1)
 
     similarity = embed(list(candidates)) @ embed(erased).T
