@@ -208,9 +208,7 @@ def erase_concepts(
     steps = run_settings.steps or sum(run_settings.step_count(t.image_count) for t in targets)
     clock = time.perf_counter()
     with progress.phase("erasing", total=steps) as advance, out_of_memory_explained(run_settings):
-        result = method.run(parts, targets, run_settings, on_step=lambda step, loss: advance(loss=loss),
-                            baseline=before.advantage, empty=before.empty, blank=before.blank,
-                            originals=before.originals)
+        result = method.run(parts, targets, run_settings, before, on_step=lambda step, loss: advance(loss=loss))
     timings["train"] = time.perf_counter() - clock
     clock = time.perf_counter()
     with progress.phase("measuring the effect"), out_of_memory_explained(run_settings):
@@ -279,7 +277,7 @@ def _automatic_preserve(parts, specs, source, settings) -> tuple[str, ...]:
 def concept_similarity(parts, erased: list[str], candidates: tuple[str, ...]) -> dict[str, float]:
     import torch
 
-    from .unlearning import token_ids
+    from .conditioning import token_ids
 
     pipeline = parts.pipeline
 

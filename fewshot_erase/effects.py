@@ -2,7 +2,7 @@
 
 - for each erased concept, how much its captions still help the UNet denoise its own pictures compared with the
   empty caption (the "advantage"); above 0 the text still carries the concept; "gone" once the captions push
-  away from the pictures as strongly as they used to pull toward them (unlearning.gone);
+  away from the pictures as strongly as they used to pull toward them (stopping.gone);
 - for each concept that should survive (the preserve set, or the automatic one when preservation is off), how far
   the encoder's conditioning for it moved, relative to its size: the interference.
 
@@ -15,8 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .conditioning import conditioning, conditioning_tensors, frozen_conditioning
+from .denoising import training_scheduler
 from .prompts import fill
-from .unlearning import advantage, conditioning, conditioning_tensors, frozen_conditioning, gone, training_scheduler
+from .stopping import advantage, gone
 
 KEPT_TEMPLATES = 4  # captions per kept concept: enough to see drift, cheap (an encoder forward only)
 
@@ -33,6 +35,8 @@ class Snapshot:
 @torch.no_grad()
 def snapshot(parts, targets, kept: tuple[str, ...], settings, empty: list[torch.Tensor] | None = None,
              blank: dict[str, float] | None = None) -> Snapshot:
+    """The measures on the encoder as it is now; after training, pass the first snapshot's `empty` and `blank` so
+    both are taken against the same original reference."""
     pipeline, family, dtype = parts.pipeline, parts.family, parts.dtype
     resolution = settings.resolution
     scheduler = training_scheduler(pipeline)

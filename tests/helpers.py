@@ -51,20 +51,21 @@ def with_encoders(pipe, encoders: dict):
 def mean_denoising_loss(pipe, family_name: str, pictures: Path, concept: str, templates, seed: int = 123,
                         rounds: int = 4) -> float:
     """The erase objective, measured on fixed noise and timesteps: what gradient ascent should have raised."""
-    from fewshot_erase import families, images, prompts, unlearning
+    from fewshot_erase import conditioning, denoising, families, images, prompts, unlearning
 
     family = families.FAMILIES[family_name]
     resolution = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
     loaded = images.load_images([pictures])
     latents = unlearning.encode_images_once(pipe.vae, images.to_pixels(loaded, resolution, False), "cpu", torch.float32)
-    scheduler = unlearning.training_scheduler(pipe)
+    scheduler = denoising.training_scheduler(pipe)
     generator = torch.Generator().manual_seed(seed)
     losses = []
     with torch.no_grad():
         for round_ in range(rounds):
             captions = [prompts.fill(templates[(round_ + i) % len(templates)], concept) for i in range(len(loaded))]
-            cond = unlearning.conditioning(pipe, family, captions, resolution, torch.float32)
-            losses.append(unlearning.denoising_loss(pipe.unet, scheduler, latents, cond, generator).item())
+            cond = conditioning.conditioning(pipe, family, captions, resolution, torch.float32)
+            noisy, timesteps, target = denoising.noised(latents, scheduler, generator)
+            losses.append(denoising.prediction_error(pipe.unet, noisy, timesteps, target, cond).item())
     return sum(losses) / len(losses)
 
 

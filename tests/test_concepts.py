@@ -93,12 +93,12 @@ def test_two_concept_manifest_and_until_record_each_concept(tiny_model, pictures
 @pytest.mark.parametrize("cube_anchor, cube_advantage", [(None, 1.0), ("red ball", -1.0)])
 def test_until_takes_a_concept_found_gone_out_of_the_rotation(tiny_model, pictures, tmp_path, monkeypatch,
                                                               cube_anchor, cube_advantage):
-    from fewshot_erase import effects, unlearning  # noqa: F401 -- effects first: the report keeps the real measure
+    from fewshot_erase import effects, stopping  # noqa: F401 -- effects first: the report keeps the real measure
     from fewshot_erase.api import erase_concepts
 
     # The in-loop checks read "tiny robot" as gone every time; "blue cube" either still there, or steered to an
     # anchor, which the rule never calls gone whatever its advantage (steering runs its full schedule).
-    monkeypatch.setattr(unlearning, "advantage",
+    monkeypatch.setattr(stopping, "advantage",
                         lambda parts, target, *rest: -1.0 if target.concept == "tiny robot" else cube_advantage)
     specs = [ConceptSpec("tiny robot", (str(pictures),)), ConceptSpec("blue cube", (str(pictures),), anchor=cube_anchor)]
     result = erase_concepts(specs, tmp_path / "out", model=str(tiny_model("sd1").folder), steps=24, lr=1e-3,
@@ -123,12 +123,12 @@ def test_a_negative_drift_bound_is_refused_before_anything_runs(tmp_path):
 
 @pytest.mark.parametrize("bound, repairs", [(1.0, 0), (0.0, 16)])
 def test_until_pulls_dragged_concepts_back_before_it_stops(tiny_model, pictures, tmp_path, monkeypatch, bound, repairs):
-    from fewshot_erase import effects, unlearning  # noqa: F401 -- effects first: the report keeps the real measure
+    from fewshot_erase import effects, stopping  # noqa: F401 -- effects first: the report keeps the real measure
     from fewshot_erase.api import erase_concepts
 
     # The robot reads as gone at every check. Within the drift bound the run stops at the first check (8 steps:
     # 3 pictures, batch 2, 4 epochs); past it, the remaining steps only pull the kept caption back: no more ascent.
-    monkeypatch.setattr(unlearning, "advantage", lambda *args, **kwargs: -1.0)
+    monkeypatch.setattr(stopping, "advantage", lambda *args, **kwargs: -1.0)
     result = erase_concepts([ConceptSpec("tiny robot", (str(pictures),))], tmp_path / "out",
                             model=str(tiny_model("sd1").folder), steps=24, lr=1e-3, until="gone",
                             preserve=("green tree",), preserve_weight=1.0, until_drift=bound)
@@ -149,7 +149,7 @@ def test_until_pulls_dragged_concepts_back_before_it_stops(tiny_model, pictures,
     (-0.001, -0.009, True),
 ])
 def test_gone_means_the_captions_now_push_away_as_hard_as_they_pulled_and_then_some(before, after, gone):
-    from fewshot_erase.unlearning import gone as is_gone
+    from fewshot_erase.stopping import gone as is_gone
 
     assert is_gone(before, after, blank=0.08) is gone
 
@@ -162,7 +162,7 @@ def test_gone_means_the_captions_now_push_away_as_hard_as_they_pulled_and_then_s
     ([-0.0017, -0.003], False),  # so was the one before ("three" was still drawn at 18% at -0.0017)
 ])
 def test_a_concept_pushed_away_for_two_checks_in_a_row_is_done_even_if_it_pulled_hard_before(readings, finished):
-    from fewshot_erase.unlearning import finished as is_finished
+    from fewshot_erase.stopping import finished as is_finished
 
     # before +0.005 (a strong pull): "gone" needs -0.013 with an empty-caption loss of 0.08; the stall margin -0.0024
     assert is_finished(0.005, readings, blank=0.08) is finished

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from fewshot_erase.keys import is_trained
 from fewshot_erase.prompts import OBJECT_TEMPLATES
-from fewshot_erase.unlearning import GONE_MARGIN
+from fewshot_erase.stopping import GONE_MARGIN
 from helpers import erased_tensors, load_encoders, mean_denoising_loss, run_cli, run_cli_process, with_encoders
 from tiny_pipelines import canonical_text_encoder_state_dict
 
@@ -135,11 +135,11 @@ def test_python_api_returns_the_result(tiny_model, pictures, tmp_path):
 def test_the_loop_conditions_the_unet_as_the_pipeline_does(tiny_model, family):
     """SD 1.x and 2.x skip `encode_prompt`'s tokenizing (cached per caption); the result must still be its own
     (SDXL calls it)."""
-    from fewshot_erase import families, unlearning
+    from fewshot_erase import conditioning, families
 
     pipe = tiny_model(family).pipe
     captions = ["a photo of a tiny robot", "", "a photo of a tiny robot", "tiny robot, " * 40]  # repeated, truncated
-    ours = unlearning.conditioning(pipe, families.FAMILIES[family], captions, 32, torch.float32, "cpu")
+    ours = conditioning.conditioning(pipe, families.FAMILIES[family], captions, 32, torch.float32, "cpu")
     with torch.no_grad():
         theirs = pipe.encode_prompt(captions, "cpu", 1, False)[0]
     assert torch.equal(ours["encoder_hidden_states"].detach(), theirs)

@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from fewshot_erase import families, unlearning
+from fewshot_erase import conditioning, families
 from fewshot_erase.prompts import OBJECT_TEMPLATES, fill
 from helpers import erased_tensors, load_encoders, run_cli, single_file_keys, with_encoders
 from tiny_pipelines import build_tiny_pipeline, save_diffusers_folder
@@ -27,8 +27,8 @@ def export(output, fmt, file, *options):
 def embeddings(pipe, family: str) -> torch.Tensor:
     """The UNet's conditioning for the erased prompts, as the pipeline builds it when generating."""
     with torch.no_grad():
-        cond = unlearning.conditioning(pipe, families.FAMILIES[family], PROMPTS, 32, torch.float32)
-    return torch.cat([tensor.flatten() for tensor in unlearning.conditioning_tensors(cond)])
+        cond = conditioning.conditioning(pipe, families.FAMILIES[family], PROMPTS, 32, torch.float32)
+    return torch.cat([tensor.flatten() for tensor in conditioning.conditioning_tensors(cond)])
 
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
