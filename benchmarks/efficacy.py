@@ -15,11 +15,9 @@ import argparse
 import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-SAMPLES = REPO / "sample_images"
+from demo.measure import accuracy_table, erased_pipeline, load_base, measure, prompt_for
 
 # What each method is, as erase options. "published" is the bare method with the demo's captions and learning rate
 # for the published 4 epochs (no preservation, no stopping rule); "default" is what `fewshot-erase erase` does on
@@ -31,85 +29,6 @@ METHODS = {
     # of 5 leave most digits short of the anchor).
     "anchor": {"anchor": "one", "steps": 60, "until": None},
 }
-PROMPTS = {"word": "a photo of the digit {w}", "numeral": "a photo of the digit {n}", "heldout": "the numeral {w}"}
-
-
-def judged(pipe, prompt: str, digit: int, seeds: list[int], generation) -> float:
-    """Share of generated images the judge reads as `digit`."""
-    from demo.judge import judge
-    from fewshot_erase.compare import generate
-
-    images = generate(pipe, prompt, seeds, generation, "cpu")
-    return float((judge(images) == digit).mean())
-
-
-def prompt_for(kind: str, digit: int) -> str:
-    from demo.data import DIGIT_WORDS
-
-    return PROMPTS[kind].format(w=DIGIT_WORDS[digit], n=digit)
-
-
-def accuracy_table(pipe, seeds, generation, kinds=("word", "numeral", "heldout")) -> dict:
-    return {d: {k: judged(pipe, prompt_for(k, d), d, seeds, generation) for k in kinds} for d in range(10)}
-
-
-def load_base():
-    from fewshot_erase.compare import generation_settings
-    from fewshot_erase.models import load_pipeline_parts, resolve_model
-
-    source = resolve_model(None)
-    parts = load_pipeline_parts(source, device="cpu")
-    return parts, generation_settings(source, None, None)
-
-
-def erased_pipeline(parts, output: Path):
-    from fewshot_erase.outputs import load_erased_encoders
-
-    pipe = type(parts.pipeline)(**{**parts.pipeline.components, **load_erased_encoders(output, parts)})
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def measure(parts, generation, base: dict, erased: list[int], options: dict, seeds: list[int], workdir: Path,
-            kinds: tuple[str, ...] = tuple(PROMPTS)) -> dict:
-    """Erase the digits in `erased` in one run with `options`; judge the erased digits on the prompt `kinds` (the
-    others on the word prompt)."""
-    from demo.data import DIGIT_WORDS
-    from fewshot_erase.api import erase_concepts
-    from fewshot_erase.concepts import ConceptSpec
-
-    options = dict(options)
-    anchor = options.pop("anchor", None)
-    specs = [ConceptSpec(DIGIT_WORDS[d], (str(SAMPLES / DIGIT_WORDS[d]),), anchor=anchor) for d in erased]
-    runs = workdir / "_".join(DIGIT_WORDS[d] for d in erased)
-    runs.mkdir(parents=True, exist_ok=True)
-    output = runs / str(len(list(runs.iterdir())))
-    started = time.perf_counter()
-    result = erase_concepts(specs, output, device="cpu", **options)
-    wall = time.perf_counter() - started
-    pipe = erased_pipeline(parts, output)
-    others = [d for d in range(10) if d not in erased]
-    report = {
-        "erased": {d: {kind: {"before": base[d][kind], "after": judged(pipe, prompt_for(kind, d), d, seeds, generation)}
-                       for kind in kinds} for d in erased},
-        "others": {d: {"before": base[d]["word"], "after": judged(pipe, prompt_for("word", d), d, seeds, generation)}
-                   for d in others},
-        "output": output,  # a temporary folder: the caller takes it out before saving
-        "erase_seconds": wall,
-        "train_seconds": result.timings["train"],
-        "steps": result.record["steps"],
-        "repair_steps": result.record["repair_steps"],
-        "effects": result.record["effects"],
-    }
-    if anchor is not None:
-        anchor_digit = DIGIT_WORDS.index(anchor)
-        report["anchor"] = {d: judged(pipe, prompt_for("word", d), anchor_digit, seeds, generation) for d in erased}
-    before = [v["before"] for v in report["others"].values()]
-    after = [v["after"] for v in report["others"].values()]
-    report["others_mean_before"] = sum(before) / len(before)
-    report["others_mean_after"] = sum(after) / len(after)
-    report["others_worst_drop"] = max(b - a for b, a in zip(before, after))
-    return report
 
 
 def grid_image(parts, generation, output_dirs: dict, seeds):

@@ -22,7 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.efficacy import METHODS, SAMPLES
+from benchmarks.efficacy import METHODS
+from demo.measure import SAMPLES
 
 
 def timed_erase(word: str, options: dict, output: Path) -> tuple[float, int]:

@@ -1,6 +1,6 @@
 """Measure the demo model with the judge.
 
-    python -m demo.evaluate --out demo/eval.json
+    python -m demo.evaluate --out demo/logs/eval.json
 
 For each prompt kind (word / numeral / held-out phrasing), guidance scale and step count:
 generate N images per digit with fixed seeds (seed = 1000*digit + i) through

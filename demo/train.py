@@ -27,7 +27,7 @@ except ImportError:  # pragma: no cover
     import data  # type: ignore
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOKENIZER_DIR = os.path.join(REPO, "fewshot_erase", "tokenizer")
+TOKENIZER_DIR = os.path.join(REPO, "fewshot_erase", "demo", "tokenizer")
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 PIXELS = 16  # 8x8 scans upsampled (nearest) to 16x16; VAE factor 2 -> 8x8x4 latents
 
@@ -148,14 +148,20 @@ def save_pipeline(out, vae, te, unet, scheduler_cls="DDIMScheduler"):
     import diffusers
 
     os.makedirs(out, exist_ok=True)
+    # read first: the tokenizer the demo ships is the package's one copy, and `out` is usually where it lives
+    tokenizer_files = {}
+    for f in TOKENIZER_FILES:
+        with open(os.path.join(TOKENIZER_DIR, f), "rb") as handle:
+            tokenizer_files[f] = handle.read()
     for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         shutil.rmtree(os.path.join(out, sub), ignore_errors=True)
     copy.deepcopy(unet).to(torch.float16).save_pretrained(os.path.join(out, "unet"), safe_serialization=True)
     copy.deepcopy(vae).to(torch.float16).save_pretrained(os.path.join(out, "vae"), safe_serialization=True)
     save_text_encoder(te, os.path.join(out, "text_encoder"))
     os.makedirs(os.path.join(out, "tokenizer"))
-    for f in TOKENIZER_FILES:
-        shutil.copyfile(os.path.join(TOKENIZER_DIR, f), os.path.join(out, "tokenizer", f))
+    for f, content in tokenizer_files.items():
+        with open(os.path.join(out, "tokenizer", f), "wb") as handle:
+            handle.write(content)
     make_scheduler(scheduler_cls).save_pretrained(os.path.join(out, "scheduler"))
     index = {
         "_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,

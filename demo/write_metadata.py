@@ -22,8 +22,8 @@ MODEL = os.path.join(REPO, "fewshot_erase", "demo")
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--eval", default=os.path.join(HERE, "eval.json"))
-    ap.add_argument("--stats", default=os.path.join(HERE, "train_stats.json"))
+    ap.add_argument("--eval", default=os.path.join(HERE, "logs", "eval.json"))
+    ap.add_argument("--stats", default=os.path.join(HERE, "logs", "train_stats.json"))
     ap.add_argument("--guidance", type=float, required=True)
     ap.add_argument("--steps", type=int, required=True)
     ap.add_argument("--erase-settings", default="{}", help="JSON: the erase settings measured for this model")
@@ -77,7 +77,7 @@ def main(argv=None):
         "parameters": st["params"],
         "training": {"wall_seconds": st["train_wall_seconds"], "vae_recon_judge_acc": st["vae_recon_judge_acc"],
                      "args": a, "machine": f"2-core CPU, torch.set_num_threads({a['threads']})"},
-        "reproduce": ("from the repository root: python -m demo.train --stats demo/train_stats.json " +
+        "reproduce": ("from the repository root: python -m demo.train --stats demo/logs/train_stats.json " +
                       " ".join(f"--{k.replace('_', '-')} {v}" for k, v in a.items() if k not in ("out", "stats", "checkpoint") and v is not None)),
         "file_bytes": dict(sorted(sizes.items())),
         "total_bytes": sum(v for k, v in sizes.items() if k != "demo.json"),

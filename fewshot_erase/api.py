@@ -18,12 +18,12 @@ from . import prompts
 from .concepts import COMMON_CONCEPTS, ConceptSpec, automatic_preserve, check_specs, nearest
 from .errors import EraseWarning, RunFailure
 from .models import import_libraries, load_pipeline_parts, resolve_model
-from .record import RECORD_FORMAT, library_versions, tensors_sha256
+from .base import base_identity
+from .record import RECORD_FORMAT, library_versions
 from .settings import EraseSettings
 from .writers.atomic import check_target, staged_folder
-from .writers.text_encoder import canonical_state, write_erase_output
+from .writers.text_encoder import write_erase_output
 
-FINGERPRINT_DTYPES = ("float32", "float16", "bfloat16")
 PRESERVE_NEIGHBOURS = 12
 
 
@@ -61,33 +61,6 @@ class EraseResult:
             "timings": self.timings,
             "effects": self.record["effects"],
         }
-
-
-def fingerprints(tensors: dict) -> dict:
-    """Hashes of each original tensor as fp32, fp16 and bf16: `apply` recognises the base in whatever dtype a
-    checkpoint stores it (an fp16 file of the model erased in fp32 is the same base)."""
-    import torch
-
-    return {
-        name: {dtype: tensors_sha256({"t": tensor.detach().to(getattr(torch, dtype))}) for dtype in FINGERPRINT_DTYPES}
-        for name, tensor in tensors.items()
-    }
-
-
-def base_identity(parts, settings: EraseSettings) -> tuple[dict, dict]:
-    """Before training changes them in place: each encoder's hash, and fingerprints of the tensors it will train."""
-    from .keys import is_trained
-    from .unlearning import trained_encoders
-
-    hashes, prints = {}, {}
-    for name in parts.family.encoders:
-        encoder = parts.text_encoder(name)
-        state = canonical_state(encoder)
-        hashes[name] = {"sha256": tensors_sha256(state)}
-        if name in trained_encoders(parts.family, settings.encoder):
-            layers = encoder.config.num_hidden_layers
-            prints[name] = fingerprints({key: t for key, t in state.items() if is_trained(key, settings.train, layers)})
-    return hashes, prints
 
 
 @contextlib.contextmanager

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import patches, safetensors_file
+from . import safetensors_file
+from .base import check_family, mismatches
+from .model_files import model_files
+from .patch import ERASE_OUTPUT, Patch, is_exported_patch, read_patch, record_in
 from .errors import BadInput
 from .models import PICKLE_SUFFIXES
 from .writers.text_encoder import RECORD_NAME
@@ -21,21 +24,21 @@ def inspect(path, patch=None) -> dict:
     if path.is_file() and path.suffix.lower() in PICKLE_SUFFIXES:
         raise BadInput(f"{path} is a pickle checkpoint, which can run code when opened; it was not read. Convert it to .safetensors first")
     if path.is_dir() and (path / RECORD_NAME).is_file() or _is_exported_patch(path):
-        report = _patch_report(patches.read_patch(path))
+        report = _patch_report(read_patch(path))
     else:
         report = _model_report(path)
     if patch is not None:
         if report["kind"] not in ("single-file checkpoint", "diffusers pipeline"):
             raise BadInput(f"--patch checks a checkpoint or pipeline folder, and {path} is a {report['kind']}")
-        report["patch"] = fits(patches.read_patch(patch), path)
+        report["patch"] = fits(read_patch(patch), path)
     return {"path": str(path), **report}
 
 
 def _is_exported_patch(path: Path) -> bool:
     if not (path.is_file() and path.suffix.lower() == ".safetensors"):
         return False
-    record = patches.record_in(safetensors_file.read_header(path), path)
-    return record is not None and patches.is_exported_patch(record)
+    record = record_in(safetensors_file.read_header(path), path)
+    return record is not None and is_exported_patch(record)
 
 
 def summary(record: dict) -> dict:
@@ -43,9 +46,9 @@ def summary(record: dict) -> dict:
     return {field: record[field] for field in RECORD_FIELDS if field in record}
 
 
-def _patch_report(patch: patches.Patch) -> dict:
+def _patch_report(patch: Patch) -> dict:
     return {
-        "kind": patch.kind if patch.kind == patches.ERASE_OUTPUT else f"{patch.kind} patch",
+        "kind": patch.kind if patch.kind == ERASE_OUTPUT else f"{patch.kind} patch",
         "family": patch.family.name,
         "family_label": patch.family.label,
         "text_encoders": {encoder: {"patched_tensors": len(tensors)} for encoder, tensors in patch.tensors.items()},
@@ -54,7 +57,7 @@ def _patch_report(patch: patches.Patch) -> dict:
 
 
 def _model_report(path: Path) -> dict:
-    family, files = patches.model_files(path, str(path))
+    family, files = model_files(path, str(path))
     encoders = {}
     for encoder in family.encoders:
         holding = [file for file in files if encoder in file.keys]
@@ -66,7 +69,7 @@ def _model_report(path: Path) -> dict:
         }
     records = {}
     for file in files:
-        record = patches.record_in(file.header, file.path)
+        record = record_in(file.header, file.path)
         if record is not None:
             records.setdefault(repr(sorted(summary(record).items())), summary(record))
     kind = "diffusers pipeline" if path.is_dir() else "single-file checkpoint"
@@ -74,13 +77,13 @@ def _model_report(path: Path) -> dict:
             "records": list(records.values())}
 
 
-def fits(patch: patches.Patch, path: Path) -> dict:
+def fits(patch: Patch, path: Path) -> dict:
     """Whether `apply` would take `patch` for this model without --force, and if not, why."""
     found = {"path": str(patch.source), "kind": patch.kind}
-    family, files = patches.model_files(path, str(path))
+    family, files = model_files(path, str(path))
     try:
-        patches.check_family(patch, family, str(path))
-        differing = patches.mismatches(patch, files, str(path))
+        check_family(patch, family, str(path))
+        differing = mismatches(patch, files, str(path))
     except BadInput as error:
         return {**found, "fits": False, "reason": str(error)}
     return {**found, "fits": not differing, "differing": differing}

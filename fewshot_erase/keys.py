@@ -48,3 +48,10 @@ def is_trained(canonical: str, train: str, layer_count: int) -> bool:
     if (block, module) in FFN_MODULES:
         return True
     return train == "ffn+last-attn" and layer == layer_count - 1 and (block, module) in ATTENTION_MODULES
+
+
+def trained_encoders(family, encoder: str) -> list[str]:
+    """SDXL erases in both encoders by default; SD 1.x and 2.x have one."""
+    if len(family.encoders) == 1 or encoder == "both":
+        return list(family.encoders)
+    return [family.encoder_numbers[encoder]]

@@ -18,7 +18,7 @@ from .errors import BadInput, RunFailure, first_line
 PACKAGE = Path(__file__).resolve().parent
 DEMO_DIR = PACKAGE / "demo"
 CONFIGS_DIR = PACKAGE / "configs"
-TOKENIZER_DIR = PACKAGE / "tokenizer"
+TOKENIZER_DIR = DEMO_DIR / "tokenizer"  # the real CLIP tokenizer: the demo ships it, single files of every family use it
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 

@@ -127,3 +127,15 @@ def write(path: Path, tensors: dict, metadata: dict[str, str]) -> None:
         handle.write(header)
         for data in blobs:
             handle.write(data)
+
+
+def read_tensors(path: Path, wanted: dict[str, str]) -> dict:
+    """`wanted` maps the names to return to the file's keys; the header is checked before anything is read."""
+    from safetensors import safe_open
+
+    present = set(tensor_names(read_header(path)))
+    missing = sorted(set(wanted.values()) - present)
+    if missing:
+        raise BadInput(f"{path} lacks tensor {missing[0]!r} (and {len(missing) - 1} more); the file is damaged or incomplete, re-create it")
+    with safe_open(str(path), framework="pt") as handle:
+        return {name: handle.get_tensor(key) for name, key in wanted.items()}

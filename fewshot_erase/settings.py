@@ -44,13 +44,10 @@ class EraseSettings:
     preserve_batch: int = 12  # kept concepts per step: the demo's nine, SD's 12 nearest, all every step
     # Steering: the concept's captions should generate this instead (None: the published pure ascent).
     anchor: Optional[str] = None
-    # Stopping on evidence: "gone" checks every `until_window` steps, on fixed noise, whether each concept's captions
-    # now steer the denoising of its pictures away from them as strongly as they steered it toward them before, by a
-    # margin (unlearning.gone), or have pushed away by a smaller one at two checks in a row (unlearning.finished); a
-    # concept found done leaves the rotation, and the run stops once none is left and no preserve caption of the
-    # last window drifted more than `until_drift` (until then it takes retain-only repair steps). steps is the cap.
-    # 0.02: on the demo the kept digit an erase damaged had drifted 0.022-0.035 when the run stopped, the others
-    # at most 0.016.
+    # Stopping on evidence (stopping.py): every `until_window` steps once the published schedule is done, on fixed
+    # noise; a concept found done leaves the rotation, and the run stops once none is left and no kept caption of
+    # the last window drifted more than `until_drift` (until then it takes retain-only repair steps). steps is the
+    # cap. Why these values: docs/stopping-rule.md.
     until: Optional[str] = None
     until_window: int = 4
     until_drift: float = 0.02

@@ -21,19 +21,13 @@ import torch
 import torch.nn.functional as F
 
 from . import keys, stopping
+from .keys import trained_encoders
 from .conditioning import as_cond, conditioning, conditioning_tensors, frozen_conditioning, split_conditioning, stacked
 from .denoising import noised, training_scheduler
 from .effects import Snapshot
 from .errors import RunFailure
 from .prompts import fill
 from .settings import EraseSettings
-
-
-def trained_encoders(family, encoder: str) -> list[str]:
-    """SDXL erases in both encoders by default; SD 1.x and 2.x have one."""
-    if len(family.encoders) == 1 or encoder == "both":
-        return list(family.encoders)
-    return [family.encoder_numbers[encoder]]
 
 
 def ffn_parameters(text_encoder, train: str) -> dict[str, torch.nn.Parameter]:
@@ -194,8 +188,7 @@ class Loop:
     settings: EraseSettings
     optimizer: torch.optim.Optimizer
     scheduler: object
-    generator: torch.Generator
-    captions_rng: random.Random
+    generator: torch.Generator  # the pictures' noise and timesteps (the batches draw from it too)
     frozen: dict  # caption -> the original encoder's conditioning (kept captions, anchors, the empty caption)
     resolution: int
     device: torch.device  # the UNet's, asked once: asking diffusers costs a walk of the UNet
@@ -262,7 +255,7 @@ def run(parts, targets: list[Target], settings: EraseSettings, before: Snapshot,
                                  resolution, dtype, before.originals)
     frozen[""] = before.empty
     loop = Loop(parts, settings, optimizer_for(trained, settings, parts.device), training_scheduler(pipeline),
-                generator, captions_rng, frozen, resolution, pipeline.unet.device)
+                generator, frozen, resolution, pipeline.unet.device)
     published_length = sum(settings.replace(steps=None).step_count(t.image_count) for t in targets)
     steps = settings.steps or published_length
     earliest_stop = min(published_length, steps)  # --until never stops before the published schedule is done

@@ -3,7 +3,9 @@ and XL in the original CompVis / Stability layout that A1111 and ComfyUI use) an
 and every input it refuses with one line, exit code 2, nothing written and the input untouched."""
 
 import json
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,8 @@ from tiny_pipelines import (build_tiny_pipeline, canonical_text_encoder_state_di
                             save_single_file)
 
 FAMILIES = ["sd1", "sd2", "sdxl"]
+
+
 def assert_patched(before: Path, after: Path, output: Path, family: str) -> None:
     """`after` holds the erased feed-forward weights (in `before`'s dtypes) and every other tensor of `before`."""
     before, after, erased_weights = load_file(before), load_file(after), erased_tensors(output, family)
@@ -210,3 +214,23 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(erased, tmp_path, case
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
     assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == before
+
+
+def test_outputs_get_the_modes_any_new_file_gets_under_the_users_umask(erased, tmp_path):
+    """Staging is private; the outputs are not: a ComfyUI service account or a colleague can read them."""
+    tiny, output = erased("sd1")
+    previous = os.umask(0o027)
+    try:
+        patched, delta = tmp_path / "erased.safetensors", tmp_path / "delta.safetensors"
+        assert run_cli("apply", output, tiny.single_file, "-o", patched).exit_code == 0
+        assert run_cli("export", output, "--format", "delta", "-o", delta).exit_code == 0
+        folder = tmp_path / "folder"
+        assert run_cli("apply", output, tiny.folder, "-o", folder).exit_code == 0
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(patched.stat().st_mode) == stat.S_IMODE(delta.stat().st_mode) == 0o640
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o750
+    # the erase output itself, written by the session fixture under the process's own umask
+    expected = 0o777 & ~previous
+    assert stat.S_IMODE(output.stat().st_mode) == expected
+    assert stat.S_IMODE((output / "model.safetensors").stat().st_mode) == expected & 0o666

@@ -38,7 +38,7 @@ from conftest import write_pictures
 from fewshot_erase import erase
 from fewshot_erase.errors import EraseError, EraseWarning
 from fewshot_erase.images import load_image
-from fewshot_erase.patches import apply
+from fewshot_erase.apply import apply
 from helpers import run_cli
 
 PROGRESS_LINE = re.compile(r"^[^\w\s]?\s*(reading images|loading model|encoding images|erasing|measuring the effect|saving)\b")

@@ -5,9 +5,11 @@ import json
 
 import pytest
 
-from benchmarks.efficacy import SAMPLES, accuracy_table, erased_pipeline, judged, load_base, measure, prompt_for
+from demo.measure import SAMPLES, accuracy_table, erased_pipeline, judged, load_base, measure, prompt_for
 from demo.data import DIGIT_WORDS
 from helpers import run_cli
+
+pytestmark = pytest.mark.slow
 
 SEEDS = list(range(2000, 2024))  # 24 images per prompt: enough to see a halving, small enough for CI
 

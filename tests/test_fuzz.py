@@ -28,9 +28,12 @@ from safetensors.torch import load_file, save
 
 from fewshot_erase import images, safetensors_file
 from fewshot_erase.errors import BadInput
+from fewshot_erase.model_files import model_files
 from fewshot_erase.models import pickle_to_safetensors
-from fewshot_erase.patches import model_files, read_patch
+from fewshot_erase.patch import read_patch
 from fewshot_erase.writers.text_encoder import METADATA_KEY
+
+pytestmark = pytest.mark.slow
 
 SCALE = float(os.environ.get("FEWSHOT_ERASE_FUZZ_SCALE", "1"))
 RANDOM = os.environ.get("FEWSHOT_ERASE_FUZZ_RANDOM") == "1"  # the long run explores; CI repeats the same inputs

@@ -58,7 +58,7 @@ from fewshot_erase.models import dtype_keyword
 FAMILIES = ("sd1", "sd2", "sdxl")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-TOKENIZER_DIR = REPO_ROOT / "fewshot_erase" / "tokenizer"
+TOKENIZER_DIR = REPO_ROOT / "fewshot_erase" / "demo" / "tokenizer"
 PACKAGED_CONFIGS_DIR = REPO_ROOT / "fewshot_erase" / "configs"
 
 VOCAB_SIZE = 49408

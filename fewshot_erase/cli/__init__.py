@@ -7,7 +7,6 @@ import click
 
 from .. import __version__
 from .apply import apply_command
-from .bench import bench_command
 from .compare import compare_command
 from .erase import erase_command
 from .export import export_command
@@ -27,7 +26,6 @@ def main():
 
 main.add_command(erase_command)
 main.add_command(compare_command)
-main.add_command(bench_command)
 main.add_command(apply_command)
 main.add_command(export_command)
 main.add_command(inspect_command)

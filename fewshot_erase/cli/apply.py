@@ -24,7 +24,7 @@ def apply_command(patch, checkpoint, output, force, allow_pickle, overwrite, as_
     checkpoint (SD 1.x, 2.x, XL in the original layout A1111 and ComfyUI use) or a diffusers pipeline folder.
     Only the text encoders' feed-forward tensors change; the input is never modified."""
     with handled(quiet):
-        from ..patches import apply
+        from ..apply import apply
 
         result = apply(patch, checkpoint, output, force=force, overwrite=overwrite, allow_pickle=allow_pickle)
     if as_json:

@@ -6,7 +6,7 @@ import contextlib
 
 import click
 
-from ..patches import EXPORT_FORMATS
+from ..writers import EXPORT_FORMATS
 from .render import handled, print_json, stderr
 
 
@@ -26,7 +26,7 @@ def export_command(output, fmt, rank, target, model, overwrite, as_json, quiet):
     A LoRA's report gives each layer's relative reconstruction error and how far its embeddings of the erased
     prompts stay from the full patch's."""
     with handled(quiet):
-        from ..patches import export
+        from ..export import export
 
         status = contextlib.nullcontext() if quiet or as_json else stderr.status(f"exporting {fmt}")
         with status:

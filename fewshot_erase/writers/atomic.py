@@ -105,6 +105,18 @@ def _replace(staging: Path, target: Path, overwrite: bool) -> None:
         shutil.rmtree(trash, ignore_errors=True)
 
 
+def _umask() -> int:
+    current = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(current)
+    return current
+
+
+def _ordinary_mode(path: Path, mode: int) -> None:
+    """mkdtemp and mkstemp stage privately (0700, 0600); the output gets what any new file or folder gets under the
+    user's umask, so that a service account or a colleague can read it."""
+    os.chmod(path, mode & ~_umask())
+
+
 @contextlib.contextmanager
 def staged_folder(target: Path, overwrite: bool):
     """Yield an empty staging folder; on success it becomes `target`, on any failure it is removed."""
@@ -112,6 +124,7 @@ def staged_folder(target: Path, overwrite: bool):
     staging = None
     try:
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+        _ordinary_mode(staging, 0o777)
         yield staging
         _replace(staging, target, overwrite)
     except OSError as error:
@@ -130,6 +143,7 @@ def staged_file(target: Path, overwrite: bool):
         handle, name = tempfile.mkstemp(prefix=f".{target.name}.partial-", dir=target.parent)
         os.close(handle)
         staging = Path(name)
+        _ordinary_mode(staging, 0o666)
         yield staging
         with _interrupts_held():
             if target.exists() and not overwrite:

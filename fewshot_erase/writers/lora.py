@@ -23,7 +23,7 @@ from .text_encoder import METADATA_KEY
 
 FLAVOURS = ("lora-kohya", "lora-diffusers")
 # The smallest rank whose LoRA missed at most 1% of the erase's effect on the erased prompts' embeddings on every
-# model measured: the tiny test pipelines of all three families and the demo (docs/patches.md: how, and the table).
+# model measured: the tiny test pipelines of all three families and the demo (docs/lora-rank.md: how, and the table).
 DEFAULT_RANK = 16
 KOHYA_PREFIXES = {
     "sd1": {"text_encoder": "lora_te_"},

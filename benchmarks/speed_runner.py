@@ -1,4 +1,4 @@
-"""The speed and memory benchmark behind `fewshot-erase bench` and `benchmarks/speed.py`.
+"""The speed and memory benchmark behind `python -m benchmarks.speed`: cases, workers, the floor, the verdicts.
 
 Every case runs the real erase in fresh processes:
 
@@ -29,13 +29,14 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import BadInput, RunFailure
-from .models import CONFIGS_DIR, DEMO_DIR, dtype_keyword
+from fewshot_erase.errors import BadInput, RunFailure
+from fewshot_erase.models import CONFIGS_DIR, DEMO_DIR, dtype_keyword
 
 REPORT_FORMAT = "fewshot-erase-bench/1"
 FULL_SIZE = ("sd1", "sd2", "sdxl")
 CONCEPT = "seven"
-SAMPLE_PICTURES = DEMO_DIR.parent.parent / "sample_images" / CONCEPT  # present in a source checkout
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE_PICTURES = REPO / "sample_images" / CONCEPT
 # What no erase can avoid: the interpreter, torch, and the classes of the models it loads.
 IMPORT_FLOOR = ("import torch; from diffusers import AutoencoderKL, UNet2DConditionModel; "
                 "from transformers import CLIPTextModel")
@@ -72,8 +73,8 @@ def random_pipeline(family: str, folder: Path) -> Path:
     import torch
     import transformers
 
-    from . import families
-    from .models import family_tokenizers, quiet_libraries
+    from fewshot_erase import families
+    from fewshot_erase.models import family_tokenizers, quiet_libraries
 
     quiet_libraries()
     configs = CONFIGS_DIR / family
@@ -113,7 +114,7 @@ def model_folder(model: str, workdir: Path) -> Path:
         folder = workdir / "models" / model
         if not (folder / "model_index.json").is_file():
             # In a child process: SDXL takes 14 GB while it is built, which this process should not keep.
-            built = timed_process([sys.executable, "-m", "fewshot_erase.bench", "build", model, str(folder)], _child_env())
+            built = timed_process([sys.executable, "-m", "benchmarks.speed_runner", "build", model, str(folder)], _child_env())
             if built["returncode"] != 0:
                 raise RunFailure(f"building the random-weight {model} failed: {built['stderr'].strip().splitlines()[-1:]}")
         return folder
@@ -221,7 +222,7 @@ def _phase_clock(device):
     """A Progress that notes, per phase, when each step ended and the memory peak so far when the phase ended."""
     import contextlib
 
-    from .api import Progress
+    from fewshot_erase.api import Progress
 
     class Clock(Progress):
         def __init__(self):
@@ -239,7 +240,7 @@ def _phase_clock(device):
 
 def run_worker(spec: dict) -> dict:
     started = time.perf_counter()
-    from .models import import_libraries, resolve_device
+    from fewshot_erase.models import import_libraries, resolve_device
 
     import_libraries()
     imported = time.perf_counter() - started
@@ -247,8 +248,8 @@ def run_worker(spec: dict) -> dict:
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from .api import erase_concepts
-    from .concepts import ConceptSpec
+    from fewshot_erase.api import erase_concepts
+    from fewshot_erase.concepts import ConceptSpec
 
     device = resolve_device(spec["device"])
     clock = _phase_clock(device)
@@ -325,8 +326,10 @@ def timed_process(command: list[str], env: dict | None = None) -> dict:
 
 
 def _child_env() -> dict:
-    # A benchmark never reaches the network; everything it loads is on local disk.
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    # A benchmark never reaches the network; everything it loads is on local disk. The children run this
+    # checkout's benchmarks package.
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONPATH": path}
 
 
 def erase_command(case: Case, folder: Path, images: Path, output: Path, device: str, dtype: str) -> list[str]:
@@ -352,7 +355,7 @@ def measure_case(case: Case, folder: Path, images: Path, workdir: Path, device: 
                 "result": str(scratch / "result.json"), "steps": case.steps, "resolution": case.resolution,
                 "device": device, "dtype": dtype, "low_memory": case.low_memory, "bare": case.bare}
         (scratch / "spec.json").write_text(json.dumps(spec))
-        worker = timed_process([sys.executable, "-m", "fewshot_erase.bench", "worker", str(scratch / "spec.json")],
+        worker = timed_process([sys.executable, "-m", "benchmarks.speed_runner", "worker", str(scratch / "spec.json")],
                                _child_env())
         if worker["returncode"] != 0:
             raise RunFailure(f"the benchmark of {case.label} failed: {worker['stderr'].strip().splitlines()[-1:]}")
@@ -479,8 +482,7 @@ def run_benchmark(cases: list[Case], workdir: Path, *, device: str = "auto", dty
 
 
 def default_workdir() -> Path:
-    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache) / "fewshot-erase" / "bench"
+    return REPO / ".bench"  # ignored by git; the random-weight models are built there once
 
 
 if __name__ == "__main__":

@@ -1,21 +1,26 @@
-"""The speed benchmark in CI size: the demo model (a tiny pipeline where the demo is not built yet), two steps.
+"""The speed benchmark (`python -m benchmarks.speed`) in CI size: the demo model, two steps.
 
 A test never asserts a timing: it asserts that every figure the README quotes is measured and reported."""
 
 import json
 
 import pytest
-from helpers import run_cli
+from click.testing import CliRunner
 
-from fewshot_erase.bench import PHASES, verdicts
-from fewshot_erase.models import DEMO_DIR
+from benchmarks.speed import bench_command
+from benchmarks.speed_runner import PHASES, verdicts
+
+pytestmark = pytest.mark.slow
+
+
+def run_bench(*args):
+    return CliRunner().invoke(bench_command, [str(a) for a in args], catch_exceptions=False)
 
 
 @pytest.fixture(scope="module")
-def report(tiny_model, tmp_path_factory):
-    model = "demo" if (DEMO_DIR / "model_index.json").is_file() else str(tiny_model("sd1").folder)
+def report(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("bench")
-    result = run_cli("bench", "--model", model, "--steps", 2, "--device", "cpu", "--workdir", workdir, "--json",
+    result = run_bench("--model", "demo", "--steps", 2, "--device", "cpu", "--workdir", workdir, "--json",
                      "-o", workdir / "report.json")
     assert result.exit_code == 0, result.output
     printed = json.loads(result.stdout)
@@ -71,7 +76,7 @@ def test_gpu_targets_are_judged_from_their_figures():
 
 
 def test_unknown_model_is_a_usage_error(tmp_path):
-    result = run_cli("bench", "--model", tmp_path / "nowhere", "--workdir", tmp_path)
+    result = run_bench("--model", tmp_path / "nowhere", "--workdir", tmp_path)
     assert result.exit_code == 2
     assert "not demo, sd1, sd2, sdxl or a diffusers pipeline folder" in result.output
 
@@ -86,7 +91,7 @@ def test_the_demo_target_compares_each_cli_run_with_the_import_floor_beside_it()
 
 
 def test_bare_cases_erase_with_the_published_method_alone(tmp_path):
-    from fewshot_erase.bench import Case, erase_command
+    from benchmarks.speed_runner import Case, erase_command
 
     bare = erase_command(Case("demo", bare=True), tmp_path, tmp_path / "pictures", tmp_path / "out", "cpu", "auto")
     default = erase_command(Case("demo"), tmp_path, tmp_path / "pictures", tmp_path / "out", "cpu", "auto")

@@ -1,0 +1,60 @@
+"""`export`: a small file of what an erase changed, as its feed-forward differences (`delta`) or low-rank factors
+of them (`lora-kohya`, `lora-diffusers`), which `apply` and the ecosystem's LoRA loaders take."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from .base import base_tensors
+from .errors import BadInput, EraseWarning
+from .patch import ERASE_OUTPUT, read_patch
+from .record import stable_part
+from .writers import EXPORT_FORMATS, delta, lora
+
+TOLERANCE = 0.01  # the share of the erase's effect on the erased prompts' embeddings a LoRA may miss unwarned
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    output: Path
+    report: dict  # what `export` measured; also in the file's record under "export"
+
+    def summary(self) -> dict:
+        return {"output": str(self.output), **self.report}
+
+
+def export(output, fmt: str, target, *, rank: int | None = None, model: str | None = None,
+           overwrite: bool = False) -> ExportResult:
+    """A small file of what the erase in `output` changed: its feed-forward differences (`delta`), or low-rank
+    factors of them (`lora-kohya`, `lora-diffusers`). The differences need the base model's weights: the one the
+    erase record names, or `model`."""
+    from .writers.atomic import check_target, staged_file
+
+    if fmt not in EXPORT_FORMATS:
+        raise BadInput(f"unknown export format {fmt!r}; use one of {', '.join(EXPORT_FORMATS)}")
+    if rank is not None and rank < 1:
+        raise BadInput(f"--rank must be at least 1, got {rank}")
+    output, target = Path(output), Path(target)
+    if not target.suffix.lower() == ".safetensors":
+        raise BadInput(f"export file {target} must end in .safetensors")
+    target = check_target(target, overwrite, inputs=(output,))
+    patch = read_patch(output)
+    if patch.kind != ERASE_OUTPUT:
+        raise BadInput(f"{output} is already an exported patch; export from the `erase` output folder")
+    base = base_tensors(patch, model)
+    differences = {encoder: {name: erased.float() - base[encoder][name].float() for name, erased in tensors.items()}
+                   for encoder, tensors in patch.tensors.items()}
+    record = stable_part(patch.record)
+    with staged_file(target, overwrite) as staging:
+        if fmt == "delta":
+            report = delta.write_delta(staging, differences, record)
+        else:
+            report = lora.write_lora(staging, fmt, patch, base, differences, rank or lora.DEFAULT_RANK, record)
+    if report.get("effect_error", 0.0) > TOLERANCE:
+        missed = f"the LoRA misses {report['effect_error']:.1%} of the erase's effect on the erased prompts' embeddings"
+        fix = (" (kohya's keys cannot carry the bias changes); export lora-diffusers or delta to keep them, or raise --rank"
+               if report["biases"] == "left out" else "; raise --rank")
+        warnings.warn(missed + fix, EraseWarning, stacklevel=2)
+    return ExportResult(target, report)
