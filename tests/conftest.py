@@ -17,7 +17,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parent / "fixtures")]
 import tiny_pipelines  # noqa: E402
 import torch  # noqa: E402
 
@@ -80,9 +80,9 @@ def pictures(tmp_path_factory) -> Path:
 
 
 def erased_output(tiny, pictures) -> Path:
+    """`tiny` erased once per session, from its diffusers folder: the same weights as its single file."""
     from fewshot_erase import erase
 
-    """`tiny` erased once per session, from its diffusers folder: the same weights as its single file."""
     output = tiny.folder.parent / "erased"
     if not output.exists():
         erase("tiny robot", [pictures], output, model=str(tiny.folder), steps=2, lr=1e-3)
