@@ -16,8 +16,8 @@ from typing import Sequence
 from . import images as image_io
 from . import prompts
 from .concepts import COMMON_CONCEPTS, ConceptSpec, automatic_preserve, check_specs, nearest
-from .errors import EraseWarning, RunFailure
-from .models import import_libraries, load_pipeline_parts, resolve_model
+from .errors import BadInput, EraseWarning, RunFailure
+from .models import PICKLE_SUFFIXES, import_libraries, load_pipeline_parts, resolve_device, resolve_model
 from .base import base_identity
 from .record import RECORD_FORMAT, library_versions
 from .settings import EraseSettings
@@ -32,7 +32,8 @@ class Progress:
 
     @contextlib.contextmanager
     def phase(self, name: str, total: int | None = None):
-        yield lambda count=1, **info: None
+        """`advance(count=1, note=None, **figures)` as the phase goes: a count done, a line to show, figures."""
+        yield lambda count=1, note=None, **info: None
 
 
 @dataclass(frozen=True)
@@ -117,14 +118,15 @@ def erase_concepts(
     started = time.perf_counter()
     specs = check_specs(specs, tuple(settings.get("preserve", ())))
     source = resolve_model(model)
-    if source.kind == "demo":
-        warnings.warn("no --model given: erasing from the embedded demo model (digits 0-9)", EraseWarning, stacklevel=2)
     if settings.get("templates") is not None:
         settings["templates"] = prompts.check_templates(settings["templates"])
     recommended = _recommended(source, len(specs))
     if "epochs" in settings:  # a schedule in epochs is the caller's choice of length: the model's steps give way
         recommended.pop("steps", None)
     run_settings = EraseSettings(concept=", ".join(s.concept for s in specs), **{**recommended, **settings})
+    check_output_is_a_folder(Path(output))
+    if run_settings.device != "auto":
+        resolve_device(run_settings.device)  # a GPU asked for and absent fails now, not after the model has loaded
     image_paths = [image_io.find_image_files(spec.images) for spec in specs]
     inputs = tuple(Path(p) for spec in specs for p in spec.images) + ((source.path,) if source.path else ())
     target = check_target(Path(output), overwrite, inputs=inputs)
@@ -138,6 +140,7 @@ def erase_concepts(
     clock = time.perf_counter()
     with progress.phase("loading model"):
         import_libraries()
+        threads = use_threads(run_settings.threads)
         timings["import"] = time.perf_counter() - clock
         clock = time.perf_counter()
         parts = load_pipeline_parts(source, device=run_settings.device, dtype=run_settings.dtype, config=config,
@@ -182,10 +185,13 @@ def erase_concepts(
     clock = time.perf_counter()
     with progress.phase("erasing", total=steps) as advance, out_of_memory_explained(run_settings):
         result = method.run(parts, targets, run_settings, before, on_step=lambda step, loss: advance(loss=loss))
+        if result.stopped_early:
+            advance(0, note="stopped early: every concept done")
     timings["train"] = time.perf_counter() - clock
     clock = time.perf_counter()
     with progress.phase("measuring the effect"), out_of_memory_explained(run_settings):
-        effect = effects.report(before, effects.snapshot(parts, targets, watched, run_settings, before.empty, before.blank))
+        after = effects.snapshot(parts, targets, watched, run_settings, before.empty, before.blank)
+        effect = effects.report(before, after, targets, result.trajectory)
     timings["report"] += time.perf_counter() - clock
 
     all_images = [item for pictures in loaded for item in pictures]
@@ -219,6 +225,7 @@ def erase_concepts(
         "trajectory": result.trajectory,
         "effects": effect,
         "device": str(parts.device),
+        "threads": threads,
         "dtype": str(parts.dtype).replace("torch.", ""),
         "versions": library_versions(),
     }
@@ -234,6 +241,21 @@ def erase_concepts(
             _rewrite_timings(staging, record)
             advance()
     return EraseResult(output=target, record=record)
+
+
+def check_output_is_a_folder(output: Path) -> None:
+    if output.suffix.lower() in (".safetensors",) + PICKLE_SUFFIXES:
+        raise BadInput(f"output {output} names a {output.suffix} file, but an erase writes a folder (the text encoder "
+                       "and erase.json); name a folder, then `fewshot-erase apply` writes the erase into a checkpoint file")
+
+
+def use_threads(count: int | None) -> int:
+    """torch's CPU threads for this process (the count is global to it); how many the run computes with."""
+    import torch
+
+    if count is not None:
+        torch.set_num_threads(count)
+    return torch.get_num_threads()
 
 
 def _automatic_preserve(parts, specs, source, settings) -> tuple[str, ...]:

@@ -46,27 +46,27 @@ class EncoderLayout:
 # family -> text encoder -> the layouts its single files come in, the usual one first.
 SINGLE_FILE_LAYOUTS = {
     "sd1": {"text_encoder": (
-        EncoderLayout("CLIP ViT-L", "cond_stage_model.transformer.text_model.encoder.layers.", SAME_NAMES),
+        EncoderLayout("transformers names", "cond_stage_model.transformer.text_model.encoder.layers.", SAME_NAMES),
         # Files saved with transformers before the `text_model` wrapper existed.
-        EncoderLayout("CLIP ViT-L (older naming)", "cond_stage_model.transformer.encoder.layers.", SAME_NAMES),
+        EncoderLayout("transformers names without text_model", "cond_stage_model.transformer.encoder.layers.", SAME_NAMES),
     )},
     "sd2": {"text_encoder": (
-        EncoderLayout("OpenCLIP ViT-H", "cond_stage_model.model.transformer.resblocks.", OPEN_CLIP_NAMES),
+        EncoderLayout("OpenCLIP names", "cond_stage_model.model.transformer.resblocks.", OPEN_CLIP_NAMES),
     )},
     "sdxl": {
         "text_encoder": (
-            EncoderLayout("CLIP ViT-L", "conditioner.embedders.0.transformer.text_model.encoder.layers.", SAME_NAMES),
+            EncoderLayout("transformers names", "conditioner.embedders.0.transformer.text_model.encoder.layers.", SAME_NAMES),
         ),
         "text_encoder_2": (
-            EncoderLayout("OpenCLIP ViT-bigG", "conditioner.embedders.1.model.transformer.resblocks.", OPEN_CLIP_NAMES),
+            EncoderLayout("OpenCLIP names", "conditioner.embedders.1.model.transformer.resblocks.", OPEN_CLIP_NAMES),
         ),
     },
 }
 
 # A diffusers text-encoder file: canonical names, or transformers >= 5.6's own without `text_model.` (keys.py).
 PIPELINE_FOLDER_LAYOUTS = (
-    EncoderLayout("CLIP", CANONICAL_LAYERS, SAME_NAMES),
-    EncoderLayout("CLIP (transformers >= 5.6 naming)", "encoder.layers.", SAME_NAMES),
+    EncoderLayout("transformers names", CANONICAL_LAYERS, SAME_NAMES),
+    EncoderLayout("transformers >= 5.6 names, without text_model", "encoder.layers.", SAME_NAMES),
 )
 
 

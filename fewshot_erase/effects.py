@@ -18,7 +18,7 @@ import torch
 from .conditioning import conditioning, conditioning_tensors, frozen_conditioning
 from .denoising import training_scheduler
 from .prompts import fill
-from .stopping import advantage, gone
+from .stopping import advantage, finished, readings
 
 KEPT_TEMPLATES = 4  # captions per kept concept: enough to see drift, cheap (an encoder forward only)
 
@@ -55,15 +55,29 @@ def drift(before: list[torch.Tensor], after: list[torch.Tensor]) -> float:
     return sum(float((b.float() - a.float()).pow(2).sum() / b.float().pow(2).sum()) for b, a in zip(before, after))
 
 
-def report(before: Snapshot, after: Snapshot) -> dict:
-    """erase.json's "effects": per erased concept its advantage before and after; per kept concept its drift,
-    largest first (the concepts the erase dragged along most)."""
-    erased = {
-        concept: {"advantage_before": before.advantage[concept], "advantage_after": after.advantage[concept],
-                  "empty_caption_loss": before.blank[concept],
-                  "gone": gone(before.advantage[concept], after.advantage[concept], before.blank[concept])}
-        for concept in before.advantage
-    }
+def verdict(before: float, after: float, blank: float, checks: list[float], anchor: str | None) -> str:
+    """One rule for the report and the stop: the stopping rule's `finished`, over the run's checks and the reading
+    after it. "steered" for an anchored concept, which that rule does not judge."""
+    if anchor is not None:
+        return "steered"
+    return "erased" if finished(before, checks + [after], blank) else "not erased"
+
+
+def report(before: Snapshot, after: Snapshot, targets, trajectory: list[dict]) -> dict:
+    """erase.json's "effects": per erased concept its advantage before and after and the verdict; per kept concept
+    its drift, largest first (the concepts the erase dragged along most)."""
+    # a run that ended on a check has already read the encoder it leaves: the reading after is that check again
+    ended_on_check = bool(trajectory) and "advantage" in trajectory[-1]
+    erased = {}
+    for target in targets:
+        concept = target.concept
+        checks = readings(trajectory, concept)
+        if ended_on_check and concept in trajectory[-1]["advantage"]:
+            checks = checks[:-1]
+        said = verdict(before.advantage[concept], after.advantage[concept], before.blank[concept], checks, target.anchor)
+        erased[concept] = {"advantage_before": before.advantage[concept], "advantage_after": after.advantage[concept],
+                           "empty_caption_loss": before.blank[concept], "verdict": said,
+                           "gone": None if said == "steered" else said == "erased"}
     drifts = {name: drift(before.kept[name], after.kept[name]) for name in before.kept}
     kept = dict(sorted(drifts.items(), key=lambda item: (-item[1], item[0])))
     return {"erased": erased, "kept_drift": kept, "kept_drift_max": max(kept.values()) if kept else None}

@@ -13,8 +13,6 @@ from .patch import ERASE_OUTPUT, read_patch
 from .record import stable_part
 from .writers import EXPORT_FORMATS, delta, lora
 
-TOLERANCE = 0.01  # the share of the erase's effect on the erased prompts' embeddings a LoRA may miss unwarned
-
 
 @dataclass(frozen=True)
 class ExportResult:
@@ -51,8 +49,8 @@ def export(output, fmt: str, target, *, rank: int | None = None, model: str | No
         if fmt == "delta":
             report = delta.write_delta(staging, differences, record)
         else:
-            report = lora.write_lora(staging, fmt, patch, base, differences, rank or lora.DEFAULT_RANK, record)
-    if report.get("effect_error", 0.0) > TOLERANCE:
+            report = lora.write_lora(staging, fmt, patch, base, differences, rank, record)
+    if report.get("effect_error", 0.0) > lora.TOLERANCE:
         missed = f"the LoRA misses {report['effect_error']:.1%} of the erase's effect on the erased prompts' embeddings"
         fix = (" (kohya's keys cannot carry the bias changes); export lora-diffusers or delta to keep them, or raise --rank"
                if report["biases"] == "left out" else "; raise --rank")

@@ -23,6 +23,8 @@ def inspect(path, patch=None) -> dict:
         raise BadInput(f"{path} does not exist; pass a checkpoint, a pipeline folder, an erase output or a patch")
     if path.is_file() and path.suffix.lower() in PICKLE_SUFFIXES:
         raise BadInput(f"{path} is a pickle checkpoint, which can run code when opened; it was not read. Convert it to .safetensors first")
+    if path.is_file() and path.suffix.lower() != ".safetensors":
+        raise BadInput(f"{path} is not a .safetensors file; inspect takes a checkpoint, a diffusers pipeline folder, an erase output or a patch")
     if path.is_dir() and (path / RECORD_NAME).is_file() or _is_exported_patch(path):
         report = _patch_report(read_patch(path))
     else:
@@ -61,9 +63,11 @@ def _model_report(path: Path) -> dict:
     encoders = {}
     for encoder in family.encoders:
         holding = [file for file in files if encoder in file.keys]
+        fc1 = [(file, name) for file in holding for name in file.keys[encoder] if name.endswith("fc1.weight")]
         encoders[encoder] = {
             "layout": holding[0].layouts[encoder],
-            "layers": len({name for file in holding for name in file.keys[encoder] if name.endswith("fc1.weight")}),
+            "layers": len({name for _, name in fc1}),
+            "width": fc1[0][0].header[fc1[0][0].keys[encoder][fc1[0][1]]]["shape"][1] if fc1 else None,
             "dtypes": sorted({file.dtype(encoder, name) for file in holding for name in file.keys[encoder]}),
             "files": [str(file.path.relative_to(path)) if path.is_dir() else path.name for file in holding],
         }

@@ -37,6 +37,8 @@ class Patch:
 
 def read_patch(path) -> Patch:
     path = Path(path)
+    if not path.exists():
+        raise BadInput(f"patch {path} does not exist; pass an `erase` output folder or a .safetensors file `export` wrote")
     if path.is_dir():
         return _read_erase_output(path)
     if path.is_file() and path.suffix.lower() == ".safetensors":

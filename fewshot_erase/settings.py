@@ -35,6 +35,8 @@ class EraseSettings:
     train: str = "ffn"
     encoder: str = "both"
     device: str = "auto"
+    # CPU threads for torch (None: torch's own choice); the weights are byte-identical only for the same count.
+    threads: Optional[int] = None
     dtype: str = "auto"
     # Recompute the UNet's activations in the backward pass instead of keeping them: slower, far less GPU memory.
     low_memory: bool = False
@@ -58,6 +60,7 @@ class EraseSettings:
             (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
             (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
             (self.steps is None or self.steps >= 1, f"--steps must be at least 1, got {self.steps}"),
+            (self.threads is None or self.threads >= 1, f"--threads must be at least 1, got {self.threads}"),
             (self.resolution is None or self.resolution >= 8, f"--resolution must be at least 8, got {self.resolution}"),
             (self.train in TRAIN_CHOICES, f"--train must be one of {', '.join(TRAIN_CHOICES)}, got {self.train!r}"),
             (self.encoder in ENCODER_CHOICES, f"--encoder must be one of 1, 2, both, got {self.encoder!r}"),

@@ -454,6 +454,12 @@ def output_contains_an_input_with_overwrite(ws):
 
 
 @case("cli", "api")
+def output_names_a_file(ws):
+    return Case(["tiny robot", ws.pictures()], ws.model(), output=ws.outputs / "erased.safetensors",
+                message="names a .safetensors file, but an erase writes a folder")
+
+
+@case("cli", "api")
 def output_parent_missing(ws):
     return Case(["tiny robot", ws.pictures()], ws.model(), output=ws.outputs / "not" / "here", message="does not exist; create it first")
 
@@ -497,6 +503,18 @@ def concept_longer_than_77_tokens(ws):
 @case("cli", "api")
 def device_unknown(ws):
     return Case(["tiny robot", ws.pictures()], ws.model(device="tpu"), message="unknown --device 'tpu'")
+
+
+@case("cli", "api")
+def device_cuda_without_a_gpu(ws):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible here")
+    return Case(["tiny robot", ws.pictures()], ws.model(device="cuda"), message="no CUDA GPU is visible")
+
+
+@case("cli", "api")
+def threads_out_of_range(ws):
+    return Case(["tiny robot", ws.pictures()], ws.model(threads=0), message="--threads must be at least 1")
 
 
 @case("cli", "api")
@@ -792,3 +810,11 @@ def test_two_runs_writing_the_same_output_at_once(processes):
     with safe_open(str(output / "model.safetensors"), "pt") as weights:
         stamped = json.loads(weights.metadata()["fewshot_erase"])
     assert stamped["settings"]["seed"] == record["settings"]["seed"]
+
+
+@pytest.mark.parametrize("arguments", [["erase"], ["erase", "seven", "sample_images/seven"], ["erase", "--bogus"],
+                                       ["apply", "only-one"], ["no-such-command"]])
+def test_usage_errors_are_one_line_and_exit_2(arguments):
+    result = run_cli(*arguments)
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "--help" in lines[0]

@@ -166,3 +166,31 @@ def test_a_concept_pushed_away_for_two_checks_in_a_row_is_done_even_if_it_pulled
 
     # before +0.005 (a strong pull): "gone" needs -0.013 with an empty-caption loss of 0.08; the stall margin -0.0024
     assert is_finished(0.005, readings, blank=0.08) is finished
+
+
+@pytest.mark.parametrize("checks, after, anchor, said", [
+    ([], -0.014, None, "erased"),           # gone by the reading after the run
+    ([], -0.003, None, "not erased"),       # pushed away, but read once
+    ([-0.003], -0.003, None, "erased"),     # pushed away at two readings in a row: what the run stops on
+    ([-0.003], 0.001, None, "not erased"),  # and then back
+    ([], 0.004, "one", "steered"),          # an anchored concept is not judged by the erase rule
+])
+def test_the_verdict_is_the_stopping_rule_over_the_checks_and_the_reading_after(checks, after, anchor, said):
+    from fewshot_erase.effects import verdict
+
+    assert verdict(0.005, after, 0.08, checks, anchor) == said
+
+
+@pytest.mark.parametrize("trajectory, said", [
+    ([{"concept": "x", "advantage": {"x": -0.003}}], "not erased"),  # the reading after is that same check again
+    ([{"concept": "x", "advantage": {"x": -0.003}}, {"concept": "x"}], "erased"),  # a step later: a second reading
+])
+def test_a_run_that_ended_on_a_check_is_not_read_twice(trajectory, said):
+    from types import SimpleNamespace
+
+    from fewshot_erase.effects import Snapshot, report
+
+    before = Snapshot({"x": 0.005}, {}, [], {"x": 0.08}, {})
+    after = Snapshot({"x": -0.003}, {}, [], {"x": 0.08}, {})
+    erased = report(before, after, [SimpleNamespace(concept="x", anchor=None)], trajectory)["erased"]["x"]
+    assert erased["verdict"] == said and erased["gone"] is (said == "erased")

@@ -34,17 +34,20 @@ def test_demo_loads_as_a_stable_diffusion_pipeline_and_generates():
 def test_readme_command_runs_on_the_demo_with_its_own_settings(tmp_path):
     result = run_cli("erase", "seven", SAMPLES / "seven", "-o", tmp_path / "erased")
     assert result.exit_code == 0, result.output
-    assert "embedded demo model" in result.stderr
+    # the summary reads as a summary: what, from where, how long, where it went; then one verdict per concept
+    headline, verdict = result.stdout.splitlines()[:2]
+    assert headline.startswith("erased 'seven' from the demo model in ") and headline.endswith(f"; wrote {tmp_path / 'erased'}")
+    assert verdict.startswith("  seven: erased: ") and "caption advantage" in verdict
+    assert "stopped early: every concept done" in result.stderr  # the progress bar says why it ended short
     record = json.loads((tmp_path / "erased" / "erase.json").read_text())
-    assert record["base"]["kind"] == "demo"
-    assert set(record["recommended_by_model"]) == {"templates", "lr", "preserve_weight", "until", "steps"}
+    assert record["base"]["kind"] == "demo" and record["threads"] == 1
+    assert set(record["recommended_by_model"]) == {"templates", "lr", "preserve_weight", "until", "steps", "threads"}
     assert record["stopped_early"] and record["steps"] < record["settings"]["steps"]  # stopped on evidence
     assert record["settings"]["preserve"] == [w for w in DIGIT_WORDS if w != "seven"]
     assert record["losses"][-1] > record["losses"][0]
     # the report: seven's captions helped denoise its pictures before, and no longer do
     seven = record["effects"]["erased"]["seven"]
-    assert seven["advantage_before"] > 0 >= seven["advantage_after"] and seven["gone"]
-    assert "seven: caption advantage" in result.stdout and "(gone)" in result.stdout
+    assert seven["advantage_before"] > 0 >= seven["advantage_after"] and seven["verdict"] == "erased" and seven["gone"]
 
 
 def test_readme_command_erases_seven_and_spares_the_others(base, tmp_path):

@@ -132,8 +132,31 @@ def test_the_base_model_can_be_named_and_must_be_the_erased_one(erased, tmp_path
 def test_bad_export_options_are_one_line_and_exit_2(erased, tmp_path, arguments, message):
     _, output = erased("sd1")
     result = run_cli("export", output, *[tmp_path / a if a.startswith("patch") else a for a in arguments])
-    assert result.exit_code == 2 and message in result.stderr
+    assert result.exit_code == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_erase_output_that_does_not_exist_is_named_so(tmp_path):
+    result = run_cli("export", tmp_path / "missing", "--format", "delta", "-o", tmp_path / "patch.safetensors")
+    assert result.exit_code == 2 and "missing does not exist" in result.stderr
+
+
+def test_without_rank_the_export_takes_the_smallest_rank_within_one_percent(erased, tmp_path):
+    _, output = erased("sd1")
+    chosen = export(output, "lora-diffusers", tmp_path / "auto.safetensors")
+    assert chosen["rank_asked"] == "auto" and chosen["effect_error"] <= 0.01
+    smaller = [rank for rank in (4, 8, 16, 32) if rank < chosen["rank"]]
+    if smaller:  # the rank below it would have missed more than 1%
+        below = export(output, "lora-diffusers", tmp_path / "below.safetensors", "--rank", smaller[-1])
+        assert below["effect_error"] > 0.01
+
+
+def test_a_rank_above_the_full_one_is_reported_as_the_rank_written(erased, tmp_path):
+    _, output = erased("sd1")
+    report = export(output, "lora-diffusers", tmp_path / "big.safetensors", "--rank", 1000)
+    assert report["rank_asked"] == 1000 and report["rank"] == 32  # the tiny encoder's 32-wide matrices
+    with safe_open(str(tmp_path / "big.safetensors"), framework="pt") as handle:
+        assert max(handle.get_tensor(key).shape[0] for key in handle.keys() if key.endswith("down.weight")) == 32
 
 
 def test_an_exported_file_cannot_be_exported_again(erased, tmp_path):

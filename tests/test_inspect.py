@@ -5,14 +5,15 @@ fits it."""
 import json
 
 import pytest
+from PIL import Image
 import torch
 
 from helpers import run_cli
 
 ENCODERS = {
-    "sd1": {"text_encoder": ("CLIP ViT-L", 3)},
-    "sd2": {"text_encoder": ("OpenCLIP ViT-H", 4)},  # the file's unused last block counts here
-    "sdxl": {"text_encoder": ("CLIP ViT-L", 3), "text_encoder_2": ("OpenCLIP ViT-bigG", 3)},
+    "sd1": {"text_encoder": ("transformers names", 3)},
+    "sd2": {"text_encoder": ("OpenCLIP names", 4)},  # the file's unused last block counts here
+    "sdxl": {"text_encoder": ("transformers names", 3), "text_encoder_2": ("OpenCLIP names", 3)},
 }
 
 
@@ -69,8 +70,11 @@ def test_the_text_report_names_what_a_user_asks(erased, tmp_path):
     result = run_cli("inspect", tiny.single_file, "--patch", output)
     assert result.exit_code == 0
     assert "single-file checkpoint, SD 1.x" in result.stdout and "fits" in result.stdout
+    # each encoder in words: its size read from the file, not a name guessed from the layout
+    assert "text_encoder: 3 layers, 32 wide, F32, transformers names" in result.stdout
     described = run_cli("inspect", output).stdout
     assert "erased 'tiny robot' with 3 images" in described and "sha256" in described
+    assert "text_encoder: 12 feed-forward tensors patched" in described
 
 
 def _pickle(folder):
@@ -83,8 +87,14 @@ def _junk(folder):
     return folder / "junk.safetensors"
 
 
+def _picture(folder):
+    Image.new("RGB", (64, 64)).save(folder / "photo.png")
+    return folder / "photo.png"
+
+
 @pytest.mark.parametrize("make, message", [
     (_pickle, "pickle checkpoint"),
+    (_picture, "photo.png is not a .safetensors file; inspect takes a checkpoint"),
     (lambda folder: folder / "missing.safetensors", "does not exist"),
     (_junk, "too short"),
 ])

@@ -3,17 +3,41 @@ nothing heavy is imported until a command runs, so `--help` and usage errors ans
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 from .. import __version__
 from .apply import apply_command
+from .batch import batch_command
 from .compare import compare_command
 from .erase import erase_command
 from .export import export_command
 from .inspect import inspect_command
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class Commands(click.Group):
+    """click's usage errors take four lines (usage, a hint, a blank, the error); the tool promises one."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click.UsageError as error:
+            command = error.ctx.command_path if error.ctx else "fewshot-erase"
+            click.echo(f"error: {error.format_message()} ('{command} --help' lists the options)", err=True)
+            sys.exit(error.exit_code)
+        except click.ClickException as error:
+            click.echo(f"error: {error.format_message()}", err=True)
+            sys.exit(error.exit_code)
+        except click.Abort:
+            click.echo("interrupted: stopped; nothing was written", err=True)
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="fewshot-erase")
 def main():
     """Erase a concept from a Stable Diffusion model with a few real images of it.
@@ -29,3 +53,4 @@ main.add_command(compare_command)
 main.add_command(apply_command)
 main.add_command(export_command)
 main.add_command(inspect_command)
+main.add_command(batch_command)

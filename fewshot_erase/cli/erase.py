@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ..settings import ENCODER_CHOICES, TRAIN_CHOICES
-from .render import effect_lines, handled, print_json, rich_progress
+from .render import effect_lines, handled, print_json, rich_progress, verdict
 
 
 @click.command("erase")
@@ -37,6 +37,7 @@ from .render import effect_lines, handled, print_json, rich_progress
                    "method; the demo's default is gone).")
 @click.option("--no-flip", is_flag=True, help="Do not add mirrored copies of the images.")
 @click.option("--device", help="cpu, cuda, cuda:N (default: cuda if available).")
+@click.option("--threads", type=int, help="CPU threads for torch (default: torch's own choice).")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), help="Dtype of the frozen UNet and VAE.")
 @click.option("--low-memory", is_flag=True, help="Trade speed for GPU memory (recompute UNet activations in the backward pass).")
 @click.option("--config", type=click.Path(), help="Single-file checkpoints: a folder of diffusers configs for a non-standard architecture.")
@@ -46,7 +47,7 @@ from .render import effect_lines, handled, print_json, rich_progress
 @click.option("-q", "--quiet", is_flag=True, help="No progress, no summary; errors only.")
 def erase_command(concept, images, output, model, style, templates, seed, steps, epochs, lr, batch_size, resolution,
                   train, encoder, concept_options, manifest, anchor, preserve, preserve_file, preserve_weight,
-                  no_preserve, until, no_flip, device, dtype, low_memory, config, allow_pickle, overwrite, as_json,
+                  no_preserve, until, no_flip, device, threads, dtype, low_memory, config, allow_pickle, overwrite, as_json,
                   quiet):
     """Erase CONCEPT using a few real images of it (files or folders).
 
@@ -54,7 +55,7 @@ def erase_command(concept, images, output, model, style, templates, seed, steps,
     chosen = {
         "style": style or None, "templates": tuple(templates) or None, "seed": seed, "steps": steps, "epochs": epochs,
         "lr": lr, "batch_size": batch_size, "resolution": resolution, "train": train, "encoder": encoder,
-        "flip": False if no_flip else None, "device": device, "dtype": dtype, "low_memory": low_memory or None,
+        "flip": False if no_flip else None, "device": device, "threads": threads, "dtype": dtype, "low_memory": low_memory or None,
         "preserve_weight": 0.0 if no_preserve else preserve_weight,
     }
     with handled(quiet):
@@ -83,8 +84,10 @@ def erase_command(concept, images, output, model, style, templates, seed, steps,
     elif not quiet:
         s = result.summary()
         repairs = f", {s['repair_steps']} of them repair steps" if s["repair_steps"] else ""
-        click.echo(f"erased {s['concept']!r} from {s['model']} in {s['steps']} steps{repairs} "
-                   f"(loss {s['loss_first']:.4f} -> {s['loss_last']:.4f}, {s['timings']['total']:.1f} s): {s['output']}")
+        failed = any(verdict(e) == "not erased" for e in s["effects"]["erased"].values())
+        model = "the demo model" if s["model"] == "demo" else s["model"]
+        click.echo(f"{'tried to erase' if failed else 'erased'} {s['concept']!r} from {model} in {s['steps']} steps"
+                   f"{repairs} ({s['timings']['total']:.1f} s); wrote {s['output']}")
         for line in effect_lines(s["effects"]):
             click.echo(line)
 

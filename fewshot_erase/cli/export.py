@@ -14,7 +14,7 @@ from .render import handled, print_json, stderr
 @click.argument("output", metavar="OUT")
 @click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), required=True,
               help="delta: the fp16 feed-forward differences; lora-kohya / lora-diffusers: their low-rank factors.")
-@click.option("--rank", type=int, help="LoRA rank (default: the measured one, see the README).")
+@click.option("--rank", type=int, help="LoRA rank (default: the smallest that keeps 99% of the erase's effect on the erased prompts).")
 @click.option("-o", "--file", "target", required=True, type=click.Path(), help="The .safetensors file to write.")
 @click.option("--model", help="The base model, if not where OUT's erase.json says (the differences need it).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing FILE (atomically).")
@@ -47,7 +47,9 @@ def _show(result) -> None:
         for layer, error in report["layers"].items():
             table.add_row(layer, f"{error:.4f}")
         Console(highlight=False).print(table)
-        click.echo(f"rank {report['rank']}: embeddings of the {report['prompts']} erased prompts within "
+        asked = report.get("rank_asked")
+        capped = f" (asked {asked}: the differences have no higher rank)" if isinstance(asked, int) and asked > report["rank"] else ""
+        click.echo(f"rank {report['rank']}{capped}: embeddings of the {report['prompts']} erased prompts within "
                    f"{report['embedding_error']:.2%} of the full patch's; {report['effect_error']:.2%} of its effect "
                    f"missed (biases {report['biases']})")
     else:

@@ -27,7 +27,7 @@ def inspect_command(path, patch, as_json):
 def _show(report: dict) -> None:
     click.echo(f"{report['path']}: {report['kind']}, {report['family_label']}")
     for encoder, facts in report["text_encoders"].items():
-        click.echo(f"  {encoder}: " + ", ".join(f"{key} {_text(value)}" for key, value in facts.items()))
+        click.echo(f"  {encoder}: {_encoder_line(facts)}")
     if not report["records"]:
         click.echo("  no erase record")
     for record in report["records"]:
@@ -55,5 +55,8 @@ def _show(report: dict) -> None:
             click.echo(f"  patch {patch['path']} does not fit: {reason}")
 
 
-def _text(value) -> str:
-    return ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+def _encoder_line(facts: dict) -> str:
+    if "patched_tensors" in facts:
+        return f"{facts['patched_tensors']} feed-forward tensors patched"
+    return (f"{facts['layers']} layers, {facts['width']} wide, {', '.join(facts['dtypes'])}, {facts['layout']}, "
+            f"in {', '.join(facts['files'])}")

@@ -38,13 +38,14 @@ def rich_progress(quiet: bool):
             with Bars(*columns, console=stderr, transient=False) as bar:
                 task = bar.add_task(name, total=total, info="")
 
-                def advance(count=1, **info):
-                    text = "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in info.items())
+                def advance(count=1, note=None, **info):
+                    text = note or "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in info.items())
                     bar.update(task, advance=count, info=text)
 
                 yield advance
-                if total is None:
-                    bar.update(task, total=1, completed=1)
+                # a phase that ends short of its total (a run stopped early) still ends finished, not frozen
+                done = bar.tasks[0].completed
+                bar.update(task, total=done or 1, completed=done or 1)
 
     return RichProgress()
 
@@ -81,15 +82,26 @@ def handled(quiet: bool = False):
             sys.exit(1)
 
 
+def verdict(effect: dict) -> str:
+    """Records written before the verdict field carry only `gone`."""
+    return effect.get("verdict") or ("erased" if effect["gone"] else "not erased")
+
+
 def print_json(data: dict) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True))
 
 
+VERDICTS = {
+    "erased": "erased: its captions now push the denoising away from its pictures",
+    "not erased": "NOT erased: its captions still help draw it; run again with a higher --lr or more --steps",
+    "steered": "steered to its anchor (not judged by the erase rule; look with `fewshot-erase compare`)",
+}
+
+
 def effect_lines(effects: dict) -> list[str]:
-    """Per erased concept: does its text still help denoise its pictures; then the kept concepts it moved most."""
-    lines = [f"  {concept}: caption advantage {e['advantage_before']:+.4f} -> {e['advantage_after']:+.4f} "
-             f"({'gone' if e['gone'] else 'still there: more steps or a higher --lr'})"
-             for concept, e in effects["erased"].items()]
+    """Per erased concept: the verdict and the caption advantage it rests on; then the kept concepts it moved most."""
+    lines = [f"  {concept}: {VERDICTS[verdict(e)]} (caption advantage {e['advantage_before']:+.4f} -> "
+             f"{e['advantage_after']:+.4f})" for concept, e in effects["erased"].items()]
     if effects["kept_drift"]:
         most = sorted(effects["kept_drift"].items(), key=lambda item: -item[1])[:3]  # erase.json sorts by name
         lines.append("  most moved of the kept concepts: " + ", ".join(f"{name} {value:.4f}" for name, value in most))

@@ -22,9 +22,11 @@ from ..families import SDXL
 from .text_encoder import METADATA_KEY
 
 FLAVOURS = ("lora-kohya", "lora-diffusers")
-# The smallest rank whose LoRA missed at most 1% of the erase's effect on the erased prompts' embeddings on every
-# model measured: the tiny test pipelines of all three families and the demo (docs/lora-rank.md: how, and the table).
-DEFAULT_RANK = 16
+# Without --rank, the smallest of these (up to each matrix's full rank) whose LoRA misses at most TOLERANCE of the
+# erase's effect on the erased prompts' embeddings: how much rank an erase needs depends on the erase
+# (docs/lora-rank.md).
+AUTO_RANKS = (4, 8, 16, 32, 64, 128, 256, 512, 1024)
+TOLERANCE = 0.01
 KOHYA_PREFIXES = {
     "sd1": {"text_encoder": "lora_te_"},
     "sd2": {"text_encoder": "lora_te_"},
@@ -57,9 +59,26 @@ def _relative(error, reference) -> float:
     return error.norm().item() / size if size > 0 else 0.0
 
 
-def write_lora(path, flavour: str, patch, base: dict, differences: dict, rank: int, record: dict) -> dict:
-    """Write the file; return the report (also stored in the record): each layer's relative reconstruction error
-    and the effect on the erased prompts' embeddings against the full patch."""
+def write_lora(path, flavour: str, patch, base: dict, differences: dict, rank: int | None, record: dict) -> dict:
+    """Write the file at `rank` (None: the smallest of AUTO_RANKS within TOLERANCE); return the report (also stored
+    in the record): the rank used, each layer's relative reconstruction error and the effect on the erased prompts'
+    embeddings against the full patch."""
+    full_rank = max(min(d.shape) for changes in differences.values() for d in changes.values() if d.dim() == 2)
+    tried = [rank] if rank else [r for r in AUTO_RANKS if r < full_rank] + [full_rank]
+    for candidate in tried:
+        tensors, layers, approximate = low_rank(flavour, patch, differences, candidate)
+        errors = embedding_errors(patch, base, differences, approximate)
+        if errors["effect_error"] <= TOLERANCE:
+            break
+    report = {"format": flavour, "rank": min(candidate, full_rank), "rank_asked": rank if rank else "auto", "dtype": "float16",
+              "biases": "kept" if flavour == "lora-diffusers" else "left out", "layers": layers, **errors}
+    metadata = {"format": "pt", METADATA_KEY: json.dumps({**record, "export": report}, sort_keys=True)}
+    safetensors_file.write(path, tensors, metadata)
+    return report
+
+
+def low_rank(flavour: str, patch, differences: dict, rank: int) -> tuple[dict, dict, dict]:
+    """The file's tensors at `rank`, each layer's relative reconstruction error, and the differences they add."""
     import torch
 
     tensors, layers, approximate = {}, {}, {}
@@ -78,11 +97,7 @@ def write_lora(path, flavour: str, patch, base: dict, differences: dict, rank: i
                 tensors[keys["alpha"]] = torch.tensor(float(down.shape[0]), dtype=torch.float16)
             approximate.setdefault(encoder, {})[name] = up.float() @ down.float()
             layers[f"{encoder}:{module.removeprefix('text_model.encoder.')}"] = _relative(approximate[encoder][name] - difference, difference)
-    report = {"format": flavour, "rank": rank, "dtype": "float16", "biases": "kept" if flavour == "lora-diffusers" else "left out",
-              "layers": layers, **embedding_errors(patch, base, differences, approximate)}
-    metadata = {"format": "pt", METADATA_KEY: json.dumps({**record, "export": report}, sort_keys=True)}
-    safetensors_file.write(path, tensors, metadata)
-    return report
+    return tensors, layers, approximate
 
 
 def reader(flavour: str):
