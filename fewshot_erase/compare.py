@@ -11,6 +11,8 @@ from .outputs import check_same_base, load_erased_encoders, read_record
 from .writers.atomic import check_target, staged_file
 
 SD_GUIDANCE, SD_STEPS = 7.5, 30
+KEPT_SHOWN = 2  # without --prompt: the erased concepts, then the kept ones the erase moved most
+LABEL_SIZE = 16
 
 
 @dataclass(frozen=True)
@@ -36,37 +38,50 @@ def generate(pipe, prompt: str, seeds: list[int], settings: GenerationSettings, 
                 num_inference_steps=settings.steps, output_type="pil").images
 
 
-def grid(rows: list[tuple[str, list]], cell: int) -> object:
-    """One labelled row per (label, images); images scaled (nearest) so small models stay visible."""
-    from PIL import Image, ImageDraw
+def default_prompts(record: dict) -> list[str]:
+    """Each erased concept in its first caption template, then the kept concepts the erase moved most, in the same."""
+    prompts = [concept["templates"][0].replace("{}", concept["concept"]) for concept in record["concepts"]]
+    template = record["concepts"][0]["templates"][0]
+    moved = list(record.get("effects", {}).get("kept_drift", {}))[:KEPT_SHOWN]
+    return prompts + [template.replace("{}", kept) for kept in moved]
 
-    label_width, pad = 260, 4
+
+def grid(rows: list[tuple[str, list]], cell: int) -> object:
+    """One labelled row per (label, images); images scaled (nearest) so small models stay visible; the label
+    column as wide as its longest label."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font, pad = ImageFont.load_default(size=LABEL_SIZE), 8
+    label_width = max(int(font.getlength(label)) for label, _ in rows) + 2 * pad
     columns = max(len(images) for _, images in rows)
-    sheet = Image.new("RGB", (label_width + columns * (cell + pad) + pad, len(rows) * (cell + pad) + pad), "white")
+    sheet = Image.new("RGB", (label_width + columns * (cell + pad), len(rows) * (cell + pad) + pad), "white")
     draw = ImageDraw.Draw(sheet)
     for row, (label, images) in enumerate(rows):
         top = pad + row * (cell + pad)
-        draw.text((pad, top + cell // 2 - 6), label, fill="black")
+        draw.text((pad, top + cell // 2), label, fill="black", font=font, anchor="lm")
         for column, image in enumerate(images):
             scaled = image.resize((cell, cell), Image.Resampling.NEAREST)
-            sheet.paste(scaled, (label_width + pad + column * (cell + pad), top))
+            sheet.paste(scaled, (label_width + column * (cell + pad), top))
     return sheet
 
 
-def compare(output: str | Path, prompts: list[str], grid_path: str | Path, *, model: str | None = None,
-            seeds: int = 4, guidance_scale: float | None = None, steps: int | None = None, cell: int = 128,
+def compare(output: str | Path, prompts: list[str] | None, grid_path: str | Path, *, model: str | None = None,
+            images: int = 4, guidance_scale: float | None = None, steps: int | None = None, cell: int = 128,
             overwrite: bool = False, device: str = "auto", config: str | None = None, progress=None):
     from .api import Progress
 
     progress = progress or Progress()
-    if not prompts:
-        raise BadInput("no --prompt given; pass at least one prompt to compare")
-    if seeds < 1:
-        raise BadInput(f"--seeds must be at least 1, got {seeds}")
+    if images < 1:
+        raise BadInput(f"--images must be at least 1, got {images}")
     record = read_record(Path(output))
+    prompts = list(prompts) if prompts else default_prompts(record)
     target = check_target(Path(grid_path), overwrite, inputs=(Path(output),))
     source = resolve_model(model if model is not None else (None if record["base"]["kind"] == "demo" else record["base"]["model"]))
     with progress.phase("loading model"):
+        if source.recommended.get("threads"):
+            from .api import use_threads
+
+            use_threads(source.recommended["threads"])  # the demo's: a second thread only waits (docs/speed.md)
         parts = load_pipeline_parts(source, device=device, config=config)
         check_same_base(record, parts)
         base = parts.pipeline
@@ -77,7 +92,7 @@ def compare(output: str | Path, prompts: list[str], grid_path: str | Path, *, mo
     with progress.phase("generating", total=2 * len(prompts)) as advance:
         for prompt in prompts:
             for label, pipe in (("base", base), ("erased", erased)):
-                rows.append((f"{label}: {prompt}"[:40], generate(pipe, prompt, list(range(seeds)), settings, parts.device)))
+                rows.append((f"{label}: {prompt}", generate(pipe, prompt, list(range(images)), settings, parts.device)))
                 advance()
     with staged_file(target, overwrite) as staging:
         grid(rows, cell).save(staging, format="PNG")

@@ -228,6 +228,16 @@ def erase_step(loop: Loop, target: Target, picked: list[int], templates: list[st
     return entry
 
 
+def hold(loop: Loop, target: Target, held: list[str]) -> list[str]:
+    """A concept found done is held where it is: its captions' conditioning now joins the retain term's references,
+    so that ascent on the other concepts, or repair steps, cannot bring it back. The captions newly held."""
+    captions = [c for c in dict.fromkeys(target.caption(i) for i in range(len(target.templates))) if c not in held]
+    if captions:
+        loop.frozen.update(frozen_conditioning(loop.parts.pipeline, loop.parts.family, captions, loop.resolution,
+                                               loop.parts.dtype))
+    return captions
+
+
 def repair_step(loop: Loop, kept: list[str]) -> dict:
     """A retain-only step: the kept captions' conditioning pulled back toward the original's, nothing erased (a
     text encoder forward and backward over the kept captions, about half an erase step)."""
@@ -261,15 +271,16 @@ def run(parts, targets: list[Target], settings: EraseSettings, before: Snapshot,
     earliest_stop = min(published_length, steps)  # --until never stops before the published schedule is done
     losses, trajectory = [], []
     active = list(range(len(targets)))  # with --until, a concept found done leaves the rotation
+    held: list[str] = []  # with --until, the captions of the concepts found done, held where they were then
     repairing = False  # with --until: every concept is done, but a kept one has drifted past the bound
     for step in range(steps):
         if repairing:
-            trajectory.append(repair_step(loop, next(retained)))
+            trajectory.append(repair_step(loop, (next(retained) if retained else []) + held))
         else:
             index = active[step % len(active)]  # several concepts take turns, each with its own pictures
             target, picked = targets[index], next(streams[index])
             templates = [captions_rng.choice(target.templates) for _ in picked]
-            kept = next(retained) if retained else []
+            kept = (next(retained) if retained else []) + held
             trajectory.append(erase_step(loop, target, picked, templates, kept, step))
             losses.append(trajectory[-1]["loss"])
         on_step(step, losses[-1])
@@ -277,6 +288,9 @@ def run(parts, targets: list[Target], settings: EraseSettings, before: Snapshot,
             trajectory[-1]["advantage"] = {targets[i].concept: stopping.advantage(
                 parts, targets[i], loop.scheduler, before.empty, settings, before.blank) for i in active}
             still = stopping.still_there(targets, active, before.advantage, before.blank, trajectory)
+            for i in active if settings.preserve_weight > 0 else ():
+                if i not in still and not targets[i].anchor:
+                    held += hold(loop, targets[i], held)
             if not still and stopping.drift_ok(trajectory, settings.until_window, settings.until_drift):
                 return LoopResult(losses, trajectory, True, trained)
             # every concept done but a kept one dragged along: pull the kept ones back without more ascent
