@@ -4,6 +4,7 @@ the demo's own), judges the generated images with the held-out classifier, and c
     python -m benchmarks.robustness --sets 4 -o benchmarks/results/picture_sets.json    # every digit, 4 other sets
     python -m benchmarks.robustness --pairs -o benchmarks/results/pairs.json            # all 45 pairs of digits
     python -m benchmarks.robustness --sets 2 --digits 4 --images 20                     # a quick look at one digit
+    python -m benchmarks.robustness --tables benchmarks/results/pairs.json              # its figures as markdown
 
 Picture sets: six real scans of the digit from scikit-learn's digits, prepared as `demo.make_samples` prepares the
 shipped ones (grey on black, 8x8 upscaled to 64x64), never the shipped six; half from the training split (what the
@@ -107,6 +108,33 @@ def summary(runs: list[dict]) -> dict:
     }
 
 
+def tables(report: dict) -> str:
+    """The figures as the docs show them: each picture set's run, and the pairs as a matrix of "first/second" drawn."""
+    lines = []
+    if report["picture_sets"]:
+        lines += ["| digit | " + " | ".join(f"set {n} ({run['split']})" for n, run in enumerate(
+            r for r in report["picture_sets"] if r["digits"] == report["picture_sets"][0]["digits"])) + " |"]
+        by_digit = {}
+        for run in report["picture_sets"]:
+            by_digit.setdefault(run["digits"][0], []).append(run)
+        lines += ["|---" * (1 + max(map(len, by_digit.values()))) + "|"]
+        for digit, runs in by_digit.items():
+            cells = [f"{100 * run['erased_after'][digit]:.0f}% ({run['verdicts'][digit]}, {run['steps']})" for run in runs]
+            lines.append(f"| {DIGIT_WORDS[digit]} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if report["pairs"]:
+        drawn = {tuple(run["digits"]): run for run in report["pairs"]}
+        lines += ["| | " + " | ".join(DIGIT_WORDS[d] for d in range(1, 10)) + " |", "|---" * 10 + "|"]
+        for first in range(9):
+            cells = []
+            for second in range(1, 10):
+                run = drawn.get((first, second))
+                cells.append(f"{100 * run['erased_after'][first]:.0f}/{100 * run['erased_after'][second]:.0f}"
+                             if run else "")
+            lines.append(f"| {DIGIT_WORDS[first]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sets", type=int, default=0, help="other picture sets per digit (half training, half held-out)")
@@ -114,7 +142,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--digits", default="0,1,2,3,4,5,6,7,8,9")
     parser.add_argument("--images", type=int, default=30, help="judged images per prompt")
     parser.add_argument("-o", "--output", type=Path)
+    parser.add_argument("--tables", type=Path, metavar="RESULTS", help="print a results file's figures as markdown")
     args = parser.parse_args(argv)
+    if args.tables:
+        report = json.loads(args.tables.read_text())
+        for kind in ("picture_sets", "pairs"):  # JSON made the digits strings
+            for run in report[kind]:
+                for key in ("erased_after", "verdicts"):
+                    run[key] = {int(d): value for d, value in run[key].items()}
+        print(tables(report))
+        return report
     if not args.sets and not args.pairs:
         parser.error("give --sets N and/or --pairs")
     if args.images < 1 or args.sets < 0:

@@ -16,11 +16,11 @@ from typing import Sequence
 from . import images as image_io
 from . import prompts
 from .concepts import COMMON_CONCEPTS, ConceptSpec, automatic_preserve, check_specs, nearest
-from .errors import BadInput, EraseWarning, RunFailure
+from .errors import BadInput, EraseWarning, RunFailure, python_terms
 from .models import PICKLE_SUFFIXES, import_libraries, load_pipeline_parts, resolve_device, resolve_model
 from .base import base_identity
 from .record import RECORD_FORMAT, library_versions
-from .settings import EraseSettings
+from .settings import EraseSettings, with_implied
 from .writers.atomic import check_target, staged_folder
 from .writers.text_encoder import write_erase_output
 
@@ -89,6 +89,7 @@ def _warn_long_captions(pipeline, templates, concept) -> None:
         )
 
 
+@python_terms
 def erase(concept: str, images: Sequence[str | Path], output: str | Path, *, anchor: str | None = None,
           **options) -> EraseResult:
     """Erase `concept` from a Stable Diffusion model's text encoder using a few real `images` of it.
@@ -99,6 +100,7 @@ def erase(concept: str, images: Sequence[str | Path], output: str | Path, *, anc
     return erase_concepts([spec], output, **options)
 
 
+@python_terms
 def erase_concepts(
     specs: list[ConceptSpec],
     output: str | Path,
@@ -123,6 +125,7 @@ def erase_concepts(
     recommended = _recommended(source, len(specs))
     if "epochs" in settings:  # a schedule in epochs is the caller's choice of length: the model's steps give way
         recommended.pop("steps", None)
+    settings = with_implied(settings, recommended)
     run_settings = EraseSettings(concept=", ".join(s.concept for s in specs), **{**recommended, **settings})
     check_output_is_a_folder(Path(output))
     if run_settings.device != "auto":

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from . import families
 from .base import check_family, mismatches, refuse_other_base
-from .errors import BadInput, EraseWarning
+from .errors import BadInput, EraseWarning, python_terms
 from .model_files import model_files
 from .patch import read_patch
 
@@ -27,6 +27,7 @@ class ApplyResult:
                 "patched_tensors": self.patched, "forced": self.forced}
 
 
+@python_terms
 def apply(patch, checkpoint, output, *, force: bool = False, overwrite: bool = False,
           allow_pickle: bool = False) -> ApplyResult:
     """Write `output`: `checkpoint` (a single file or a diffusers folder) with `patch` applied to its text

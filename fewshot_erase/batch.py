@@ -18,7 +18,7 @@ from typing import Iterator
 
 from .batch_manifest import SETTING_TYPES, FollowUp, Job
 from .errors import BadInput, EraseError, EraseWarning, first_line
-from .settings import EraseSettings
+from .settings import EraseSettings, with_implied
 
 DONE, SKIPPED, FAILED, NOT_RUN = "done", "skipped", "failed", "not run"
 # Ray reruns a task whose worker process died (a lost node, an OOM kill) this many times; a task that returned a
@@ -54,9 +54,10 @@ def differences(job: Job, record: dict) -> list[str]:
             found.append(f"other pictures of {spec.concept!r} (names or contents differ)")
     settings = record.get("settings", {})
     from_model = set(record.get("recommended_by_model", ()))
+    chosen = with_implied(job.settings, {})
     for name in SETTING_TYPES:
-        if name in job.settings:
-            expected = job.settings[name]
+        if name in chosen:
+            expected = chosen[name]
         elif name in DECIDED_BY_THE_RUN or name in from_model:
             continue
         else:
@@ -133,8 +134,8 @@ def _follow_up(job: Job, follow_up: FollowUp, erase_skipped: bool, overwrite: bo
 
 
 def _step(work) -> dict:
-    """Run one step: its outcome with its time, the tool's warnings it raised and where it ran."""
-    started = time.perf_counter()
+    """Run one step: its outcome with its wall and CPU time, the tool's warnings it raised and where it ran."""
+    started, cpu = time.perf_counter(), time.process_time()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("ignore")
         warnings.simplefilter("always", EraseWarning)
@@ -143,8 +144,10 @@ def _step(work) -> dict:
         except EraseError as error:
             outcome = {"status": FAILED, "error": str(error), "exit_code": error.exit_code}
         except Exception as error:  # a bug or an environment fault: still this job's alone
-            outcome = {"status": FAILED, "error": f"unexpected {type(error).__name__}: {first_line(error)}", "exit_code": 1}
+            outcome = {"status": FAILED, "exit_code": 1,
+                       "error": f"unexpected {type(error).__name__}: {first_line(error)}"}
     outcome["seconds"] = time.perf_counter() - started
+    outcome["cpu_seconds"] = time.process_time() - cpu  # well below `seconds`: the worker waited for a busy CPU
     outcome["warnings"] = [str(warning.message) for warning in caught]
     outcome["worker"] = {"host": socket.gethostname(), "pid": os.getpid()}
     return outcome
@@ -160,7 +163,9 @@ def job_line(job: Job, erased: dict, follow_ups: list[dict]) -> dict:
         status = SKIPPED if all(step["status"] == SKIPPED for step in steps) else DONE
     error = next((step["error"] for step in steps if step["status"] == FAILED), None)
     return {"job": job.number, "line": job.line, "name": job.name, "output": str(job.output), "status": status,
-            "error": error, "seconds": sum(step["seconds"] for step in steps), "erase": erased, "follow_ups": follow_ups}
+            "error": error, "seconds": sum(step["seconds"] for step in steps),
+            "cpu_seconds": sum(step.get("cpu_seconds", 0.0) for step in steps),
+            "erase": erased, "follow_ups": follow_ups}
 
 
 def run_job(job: Job, overwrite: bool = False, progress=None) -> dict:
@@ -195,7 +200,8 @@ def _ray_lines(ray, jobs: list[Job], overwrite: bool) -> Iterator[dict]:
         started, tasks = time.perf_counter(), {}
         for job in jobs:
             erased = erase_task.remote(job, overwrite)
-            tasks[job.number] = [erased, *(follow_up_task.remote(job, item, erased, overwrite) for item in job.follow_ups)]
+            follow_ups = [follow_up_task.remote(job, item, erased, overwrite) for item in job.follow_ups]
+            tasks[job.number] = [erased, *follow_ups]
         owners = {task: job for job in jobs for task in tasks[job.number]}
         unfinished = {job.number: len(tasks[job.number]) for job in jobs}
         while owners:
@@ -275,7 +281,8 @@ class ResultsFile:
         try:
             self._file = open(self.path, "w")
         except OSError as error:
-            raise BadInput(f"cannot write the results file {path} ({error.strerror or error}); pass another --results") from None
+            raise BadInput(f"cannot write the results file {path} ({error.strerror or error}); "
+                           "pass another --results") from None
 
     def write(self, line: dict) -> None:
         self._file.write(json.dumps(line, sort_keys=True, default=str) + "\n")

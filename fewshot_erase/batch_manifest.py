@@ -2,15 +2,15 @@
 deterministic slice of them that `--shard I/N` runs. Reading and checking only: no picture or model is opened.
 
 A job is one erase (`erase_concepts`'s inputs and an output folder) and what to do with it afterwards (`apply` to
-checkpoints, `export` a delta or LoRA). Relative paths are resolved against the manifest's folder. Every problem
-names the manifest line and field it is on, so a thousand-job file is fixed in one pass."""
+checkpoints, `export` a delta or LoRA). Relative paths are resolved against the manifest's folder. A problem is
+raised as BadInput naming the manifest line (and field) it is on: in a thousand-job file, the line is the fix."""
 
 from __future__ import annotations
 
 import json
 import os
 import typing
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 from .concepts import MANIFEST_FIELDS as CONCEPT_FIELDS
@@ -28,6 +28,7 @@ SETTING_TYPES = {name: hint for name, hint in typing.get_type_hints(EraseSetting
                  if name not in ("concept", "anchor")}
 JOB_FIELDS = {"name", "output", "model", "config", "allow_pickle", "concept", "images", "anchor", "concepts",
               "apply", "export", *SETTING_TYPES}
+CONCEPT_GROUP = ("concept", "images", "anchor", "concepts")
 APPLY_FIELDS = {"checkpoint", "output", "force", "allow_pickle"}
 EXPORT_FIELDS = {"format", "output", "rank", "model"}
 
@@ -77,7 +78,8 @@ class _Place:
     number: int
 
     def problem(self, entry: _Located, field: str, text: str) -> BadInput:
-        return BadInput(f"manifest {self.manifest}, line {entry.line_of(field)} (job {self.number}), field {field!r}: {text}")
+        return BadInput(f"manifest {self.manifest}, line {entry.line_of(field)} (job {self.number}), "
+                        f"field {field!r}: {text}")
 
 
 def read_jobs(path: str | Path) -> list[Job]:
@@ -86,7 +88,8 @@ def read_jobs(path: str | Path) -> list[Job]:
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as error:
-        raise BadInput(f"cannot read manifest {path}: {getattr(error, 'strerror', None) or error}; check the path") from None
+        reason = getattr(error, "strerror", None) or error
+        raise BadInput(f"cannot read manifest {path}: {reason}; check the path") from None
     entries, defaults = _parse(path, text)
     folder = Path(os.path.abspath(path.parent))
     jobs = [_job(_Place(path.name, number), folder, entry, defaults) for number, entry in enumerate(entries, start=1)]
@@ -105,19 +108,20 @@ def _parse(path: Path, text: str) -> tuple[list[_Located], _Located]:
             try:
                 entry = json.loads(line)
             except json.JSONDecodeError as error:
-                raise BadInput(f"manifest {path.name}, line {number}: not valid JSON ({error.msg}, column {error.colno}); "
-                               "write one job object per line") from None
+                raise BadInput(f"manifest {path.name}, line {number}: not valid JSON ({error.msg}, column "
+                               f"{error.colno}); write one job object per line") from None
             document.append(_Located(entry, number) if isinstance(entry, dict) else entry)
     else:
         document = _load_yaml(path, text)
         if isinstance(document, dict):
             unknown = sorted(set(document) - {"defaults", "jobs"}, key=str)
             if unknown:
-                raise BadInput(f"manifest {path.name}, line {document.line_of(unknown[0])}: unknown key {unknown[0]!r}; "
-                               "the top level holds 'jobs' and optionally 'defaults'")
+                raise BadInput(f"manifest {path.name}, line {document.line_of(unknown[0])}: unknown key "
+                               f"{unknown[0]!r}; the top level holds 'jobs' and optionally 'defaults'")
             defaults = document.get("defaults") or _Located()
             if not isinstance(defaults, dict):
-                raise BadInput(f"manifest {path.name}, line {document.line_of('defaults')}: 'defaults' must be a mapping of job fields")
+                raise BadInput(f"manifest {path.name}, line {document.line_of('defaults')}: 'defaults' must be a "
+                               "mapping of job fields")
             _check_fields(path.name, defaults, JOB_FIELDS, "the defaults")
             document = document.get("jobs")
     if not isinstance(document, list) or not document:
@@ -137,14 +141,16 @@ def _load_yaml(path: Path, text: str):
         pass
 
     def mapping(loader, node):
-        loader.flatten_mapping(node)
         key_lines = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: its keys may be overridden
+                continue
             key = loader.construct_object(key_node, deep=True)
             if key in key_lines:
                 raise BadInput(f"manifest {path.name}, line {key_node.start_mark.line + 1}: the key {key!r} is given "
                                f"twice in one mapping (first on line {key_lines[key]}); keep one")
             key_lines[key] = key_node.start_mark.line + 1
+        loader.flatten_mapping(node)
         return _Located(loader.construct_mapping(node, deep=True), node.start_mark.line + 1, key_lines)
 
     Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
@@ -168,6 +174,9 @@ def _check_fields(manifest: str, entry: _Located, allowed: set, what: str, numbe
 
 def _job(place: _Place, folder: Path, entry: _Located, defaults: _Located) -> Job:
     _check_fields(place.manifest, entry, JOB_FIELDS, "a job", place.number)
+    if "concept" in entry or "concepts" in entry:  # a job naming its concepts takes none of the defaults' ones
+        kept = {key: value for key, value in defaults.items() if key not in CONCEPT_GROUP}
+        defaults = _Located(kept, defaults.line, defaults.key_lines)
     job = _Located({**defaults, **entry}, entry.line, {**{k: defaults.line_of(k) for k in defaults}, **entry.key_lines})
     if "output" not in job:
         raise BadInput(f"manifest {place.manifest}, line {job.line} (job {place.number}): no 'output'; "
@@ -245,23 +254,27 @@ def _spec(place: _Place, paths: _Paths, item: _Located) -> ConceptSpec:
     """One concept as `erase --manifest` takes it: {concept, images, style?, anchor?}."""
     unknown = sorted(set(item) - CONCEPT_FIELDS, key=str)
     if unknown:
-        raise place.problem(item, unknown[0], f"unknown field for a concept; allowed are {', '.join(sorted(CONCEPT_FIELDS))}")
+        raise place.problem(item, unknown[0],
+                            f"unknown field for a concept; allowed are {', '.join(sorted(CONCEPT_FIELDS))}")
     for required in CONCEPT_REQUIRED:
         if required not in item:
             raise BadInput(f"manifest {place.manifest}, line {item.line} (job {place.number}): concept without "
-                           f"{required!r}; every concept needs 'concept' and 'images' (a folder or files of its pictures)")
+                           f"{required!r}; every concept needs 'concept' and 'images' (a folder or files of its "
+                           "pictures)")
     images = item["images"] if isinstance(item["images"], list) else [item["images"]]
     if not images:
         raise place.problem(item, "images", "is empty; give a folder or files of the concept's pictures")
     resolved = tuple(str(paths.path(item, "images", image)) for image in images)
-    concept = _typed(place, item, "concept", str)
-    try:
-        concept = check_concept(concept)
-    except BadInput as error:
-        raise place.problem(item, "concept", str(error)) from None
-    anchor = _typed(place, item, "anchor", str) if item.get("anchor") is not None else None
+    names = {}
+    for field in ("concept", "anchor"):  # written as the record writes them, so the skip check compares like with like
+        if field == "concept" or item.get(field) is not None:
+            text = _typed(place, item, field, str)
+            try:
+                names[field] = check_concept(text)
+            except BadInput as error:
+                raise place.problem(item, field, str(error)) from None
     style = _typed(place, item, "style", bool) if "style" in item else False
-    return ConceptSpec(concept, resolved, style, anchor)
+    return ConceptSpec(names["concept"], resolved, style, names.get("anchor"))
 
 
 def _settings(place: _Place, job: _Located) -> dict:
@@ -311,7 +324,8 @@ def _describe(hint) -> str:
         return " or ".join(_describe(arg) for arg in args)
     if typing.get_origin(hint) is tuple:
         return f"a list of {_describe(args[0])}"
-    return {float: "a number", int: "a whole number", bool: "true or false", str: "text", type(None): "null"}.get(hint, str(hint))
+    names = {float: "a number", int: "a whole number", bool: "true or false", str: "text", type(None): "null"}
+    return names.get(hint, str(hint))
 
 
 def _listed(place: _Place, job: _Located, field: str) -> list[_Located]:
@@ -322,7 +336,8 @@ def _listed(place: _Place, job: _Located, field: str) -> list[_Located]:
     return items
 
 
-def _follow_up_fields(place: _Place, item: _Located, kind: str, allowed: set, required: tuple[str, str], why: str) -> None:
+def _follow_up_fields(place: _Place, item: _Located, kind: str, allowed: set, required: tuple[str, str],
+                      why: str) -> None:
     unknown = sorted(set(item) - allowed, key=str)
     if unknown:
         raise place.problem(item, unknown[0], f"unknown field for {kind}; allowed are {', '.join(sorted(allowed))}")
@@ -345,7 +360,8 @@ def _export(place: _Place, paths: _Paths, item: _Located) -> FollowUp:
     _follow_up_fields(place, item, "export", EXPORT_FIELDS, ("format", "output"),
                       f"export needs a format ({', '.join(EXPORT_FORMATS)}) and the file to write")
     if item["format"] not in EXPORT_FORMATS:
-        raise place.problem(item, "format", f"unknown format {item['format']!r}; use one of {', '.join(EXPORT_FORMATS)}")
+        raise place.problem(item, "format",
+                            f"unknown format {item['format']!r}; use one of {', '.join(EXPORT_FORMATS)}")
     rank = item.get("rank")
     if rank is not None and not (_fits(rank, int) and rank >= 1):
         raise place.problem(item, "rank", f"must be a whole number of at least 1, got {rank!r}")
@@ -399,8 +415,9 @@ def check_paths(manifest: str, jobs: list[Job]) -> None:
     for path, job in inputs.items():
         for parent in path.parents:
             if parent in outputs:
-                raise BadInput(f"manifest {manifest}, {job.where}: its input {path} is inside {parent}, the output of "
-                               f"{outputs[parent].where}, which writing that output would replace; keep inputs apart from outputs")
+                raise BadInput(f"manifest {manifest}, {job.where}: its input {path} is inside {parent}, the output "
+                               f"of {outputs[parent].where}, which writing that output would replace; keep inputs "
+                               "apart from outputs")
 
 
 def parse_shard(text: str) -> tuple[int, int]:

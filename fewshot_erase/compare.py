@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import BadInput
+from .errors import BadInput, python_terms
 from .models import load_pipeline_parts, resolve_model
 from .outputs import check_same_base, load_erased_encoders, read_record
 from .writers.atomic import check_target, staged_file
@@ -65,6 +65,7 @@ def grid(rows: list[tuple[str, list]], cell: int) -> object:
     return sheet
 
 
+@python_terms
 def compare(output: str | Path, prompts: list[str] | None, grid_path: str | Path, *, model: str | None = None,
             images: int = 4, guidance_scale: float | None = None, steps: int | None = None, cell: int = 128,
             overwrite: bool = False, device: str = "auto", config: str | None = None, progress=None):

@@ -1,8 +1,11 @@
 """The tool's own exceptions. Each carries one user-facing line: the problem and the fix.
 
-Only the CLI turns them into exit codes; the API raises them as they are.
+Only the CLI turns them into exit codes; the API raises them as they are, naming its keywords where the CLI's
+messages name options.
 """
 
+import contextvars
+import functools
 import re
 
 
@@ -26,6 +29,33 @@ class RunFailure(EraseError):
 
 class EraseWarning(UserWarning):
     """Something worth telling the user that does not stop the run."""
+
+
+OPTION = re.compile(r"(?<![\w-])--([a-z][a-z0-9-]*)")
+# an option whose keyword is not its name with underscores
+KEYWORDS = {"no-preserve": "preserve_weight=0", "format": "fmt", "file": "target", "prompt": "prompts",
+            "grid": "grid_path", "concept": "specs"}
+FROM_CLI = contextvars.ContextVar("fewshot_erase_from_cli", default=False)  # set while a command runs
+
+
+def in_python_terms(message: str) -> str:
+    """The message for a caller of the Python API: `lr` where the CLI's says --lr."""
+    return OPTION.sub(lambda m: f"`{KEYWORDS.get(m.group(1), m.group(1).replace('-', '_'))}`", message)
+
+
+def python_terms(function):
+    """For the public API's functions: their errors name keywords unless the CLI called them."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except EraseError as error:
+            if FROM_CLI.get():
+                raise
+            raise type(error)(in_python_terms(str(error))) from error.__cause__
+
+    return wrapper
 
 
 def first_line(error: BaseException, limit: int = 200) -> str:

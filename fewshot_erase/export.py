@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .base import base_tensors
-from .errors import BadInput, EraseWarning
+from .errors import BadInput, EraseWarning, python_terms
 from .patch import ERASE_OUTPUT, read_patch
 from .record import stable_part
 from .writers import EXPORT_FORMATS, delta, lora
@@ -23,6 +23,7 @@ class ExportResult:
         return {"output": str(self.output), **self.report}
 
 
+@python_terms
 def export(output, fmt: str, target, *, rank: int | None = None, model: str | None = None,
            overwrite: bool = False) -> ExportResult:
     """A small file of what the erase in `output` changed: its feed-forward differences (`delta`), or low-rank

@@ -10,13 +10,14 @@ from . import safetensors_file
 from .base import check_family, mismatches
 from .model_files import model_files
 from .patch import ERASE_OUTPUT, Patch, is_exported_patch, read_patch, record_in
-from .errors import BadInput
+from .errors import BadInput, python_terms
 from .models import PICKLE_SUFFIXES
 from .writers.text_encoder import RECORD_NAME
 
 RECORD_FIELDS = ("concept", "images", "base", "settings", "steps", "repair_steps", "effects", "export", "applied")
 
 
+@python_terms
 def inspect(path, patch=None) -> dict:
     path = Path(path).expanduser()
     if not path.exists():

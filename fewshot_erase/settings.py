@@ -9,6 +9,7 @@ from typing import Optional
 from .errors import BadInput
 
 TRAIN_CHOICES = ("ffn", "ffn+last-attn", "all")
+PRESERVE_WEIGHT = 1.0  # the retain term's weight when concepts to keep are named: the demo's, measured there
 ENCODER_CHOICES = ("1", "2", "both")
 
 
@@ -90,3 +91,11 @@ class EraseSettings:
         record["templates"] = list(self.templates) if self.templates is not None else None
         record["preserve"] = list(self.preserve)
         return record
+
+
+def with_implied(chosen: dict, recommended: dict) -> dict:
+    """The caller's choices with what they imply: naming concepts to keep asks for a retain term, where neither the
+    caller nor the model set its weight."""
+    if chosen.get("preserve") and "preserve_weight" not in chosen and not recommended.get("preserve_weight"):
+        return {**chosen, "preserve_weight": PRESERVE_WEIGHT}
+    return chosen

@@ -228,14 +228,15 @@ def erase_step(loop: Loop, target: Target, picked: list[int], templates: list[st
     return entry
 
 
-def hold(loop: Loop, target: Target, held: list[str]) -> list[str]:
+def hold(loop: Loop, target: Target, held: list[str]) -> bool:
     """A concept found done is held where it is: its captions' conditioning now joins the retain term's references,
-    so that ascent on the other concepts, or repair steps, cannot bring it back. The captions newly held."""
-    captions = [c for c in dict.fromkeys(target.caption(i) for i in range(len(target.templates))) if c not in held]
-    if captions:
-        loop.frozen.update(frozen_conditioning(loop.parts.pipeline, loop.parts.family, captions, loop.resolution,
-                                               loop.parts.dtype))
-    return captions
+    so that ascent on the other concepts, or repair steps, cannot bring it back. False if it is held already."""
+    captions = [target.caption(i) for i in range(len(target.templates))]
+    if captions[0] in held:
+        return False
+    loop.frozen.update(frozen_conditioning(loop.parts.pipeline, loop.parts.family, captions, loop.resolution,
+                                           loop.parts.dtype))
+    return True
 
 
 def repair_step(loop: Loop, kept: list[str]) -> dict:
@@ -289,8 +290,9 @@ def run(parts, targets: list[Target], settings: EraseSettings, before: Snapshot,
                 parts, targets[i], loop.scheduler, before.empty, settings, before.blank) for i in active}
             still = stopping.still_there(targets, active, before.advantage, before.blank, trajectory)
             for i in active if settings.preserve_weight > 0 else ():
-                if i not in still and not targets[i].anchor:
-                    held += hold(loop, targets[i], held)
+                if i not in still and not targets[i].anchor and hold(loop, targets[i], held):
+                    held += [targets[i].caption(k) for k in range(len(targets[i].templates))]
+                    trajectory[-1].setdefault("held", []).append(targets[i].concept)
             if not still and stopping.drift_ok(trajectory, settings.until_window, settings.until_drift):
                 return LoopResult(losses, trajectory, True, trained)
             # every concept done but a kept one dragged along: pull the kept ones back without more ascent

@@ -36,7 +36,7 @@ from PIL import Image
 
 from conftest import write_pictures
 from fewshot_erase import erase
-from fewshot_erase.errors import EraseError, EraseWarning
+from fewshot_erase.errors import EraseError, EraseWarning, in_python_terms
 from fewshot_erase.images import load_image
 from fewshot_erase.apply import apply
 from helpers import run_cli
@@ -676,7 +676,7 @@ def run_process_case(case: Case, output: Path, ws: Workspace):
     return process.returncode, "".join(seen) + rest, stdout
 
 
-def check_stderr(stderr: str, case: Case, accepted: bool) -> list[str]:
+def check_stderr(stderr: str, case: Case, accepted: bool, interface: str) -> list[str]:
     """Only progress lines, warning lines (for accepted inputs) and, for a failure, exactly one error line."""
     lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("test: ")]
     warned = [line for line in lines if line.startswith("warning: ")]
@@ -693,7 +693,9 @@ def check_stderr(stderr: str, case: Case, accepted: bool) -> list[str]:
         assert line.startswith("interrupted:") and "nothing was written" in line
     else:
         assert line.startswith("error: ") and "unexpected" not in line, line
-        assert case.message in line, f"{case.message!r} not in {line!r}"
+        expected = in_python_terms(case.message) if interface == "api" else case.message  # the API names keywords
+        assert expected in line, f"{expected!r} not in {line!r}"
+        assert interface != "api" or "--" not in line, line
         assert ";" in line or " must " in line, f"the line should name the problem, then the fix: {line!r}"
     return warned
 
@@ -723,10 +725,10 @@ def prepare(make_case, ws: Workspace) -> Prepared:
     return Prepared(ws, case, output, roots, tree_hashes(roots), tree_hashes([ws.outputs]), listing(output.parent))
 
 
-def check(prepared: Prepared, code: int, stderr: str, stdout: str) -> None:
+def check(prepared: Prepared, code: int, stderr: str, stdout: str, interface: str) -> None:
     case, output, ws = prepared.case, prepared.output, prepared.ws
     assert code == case.exit_code, stderr
-    warned = check_stderr(stderr, case, accepted=case.accepted is not None)
+    warned = check_stderr(stderr, case, accepted=case.accepted is not None, interface=interface)
     assert tree_hashes(prepared.roots) == prepared.before, "an input changed"
     assert not list(ws.tmp.iterdir()), "a temporary file was left behind"
     if case.accepted:
@@ -778,7 +780,7 @@ def test_catalogue_is_complete():
 def test_bad_input(make_case, interface, tmp_path, tiny_model, monkeypatch, request, processes):
     if interface == "process":
         prepared, run = processes[make_case.__name__]
-        check(prepared, *run.result())
+        check(prepared, *run.result(), interface)
         return
     ws = Workspace(tmp_path, tiny_model, monkeypatch)
     if make_case.__name__.startswith("apply_"):
@@ -791,7 +793,7 @@ def test_bad_input(make_case, interface, tmp_path, tiny_model, monkeypatch, requ
     finally:
         for cleanup in ws.cleanups:
             cleanup()
-    check(prepared, code, stderr, stdout)
+    check(prepared, code, stderr, stdout, interface)
 
 
 def test_two_runs_writing_the_same_output_at_once(processes):

@@ -11,6 +11,7 @@ import yaml
 
 from conftest import erased_output, write_pictures
 from fewshot_erase import erase
+from fewshot_erase.apply import apply
 from fewshot_erase.batch import differences
 from fewshot_erase.batch_manifest import read_jobs, shard
 from fewshot_erase.export import export
@@ -28,12 +29,14 @@ def write_manifest(folder: Path, jobs: list[dict], name: str = "jobs.yaml") -> P
 
 
 def three_jobs(tiny, pictures, folder: Path) -> Path:
-    """The reference erase with an export, a second concept and seed, and a job whose picture folder is missing."""
-    other = write_pictures(folder / "other", seed=5)
+    """The reference erase with an export, a second concept and seed applied to a checkpoint, and a job whose
+    picture folder is missing."""
+    write_pictures(folder / "other", seed=5)
     return write_manifest(folder, [
         {"name": "robot", "model": str(tiny.folder), "concept": "tiny robot", "images": str(pictures),
          "output": "out/robot", "export": {"format": "delta", "output": "out/robot-delta.safetensors"}},
-        {"model": str(tiny.folder), "concept": "tiny cat", "images": "other", "seed": 1, "output": "out/cat"},
+        {"model": str(tiny.folder), "concept": "tiny cat", "images": "other", "seed": 1, "output": "out/cat",
+         "apply": {"checkpoint": str(tiny.single_file), "output": "out/cat.safetensors"}},
         {"model": str(tiny.folder), "concept": "tiny dog", "images": "no-such-folder", "output": "out/dog"},
     ])
 
@@ -47,12 +50,14 @@ def same_files(one: Path, other: Path, names=("model.safetensors", "config.json"
 
 
 def check_outputs(tiny, pictures, folder: Path, tmp_path: Path) -> None:
-    """Each job's files are the bytes `erase` (and `export`) write for it alone."""
+    """Each job's files are the bytes `erase`, `export` and `apply` write for it alone."""
     out = folder / "out"
     assert same_files(out / "robot", erased_output(tiny, pictures))
     alone = tmp_path / "alone"
     erase("tiny cat", [folder / "other"], alone, model=str(tiny.folder), seed=1, **TINY)
     assert same_files(out / "cat", alone)
+    apply(alone, tiny.single_file, tmp_path / "cat.safetensors")
+    assert (out / "cat.safetensors").read_bytes() == (tmp_path / "cat.safetensors").read_bytes()
     export(erased_output(tiny, pictures), "delta", tmp_path / "delta.safetensors")
     assert (out / "robot-delta.safetensors").read_bytes() == (tmp_path / "delta.safetensors").read_bytes()
     assert not (out / "dog").exists()
@@ -63,6 +68,7 @@ def check_lines(folder: Path) -> None:
     assert [lines[n]["status"] for n in (1, 2, 3)] == ["done", "done", "failed"]
     assert "no-such-folder does not exist" in lines[3]["error"] and "\n" not in lines[3]["error"]
     assert lines[1]["follow_ups"][0]["status"] == "done" and lines[1]["erase"]["report"]["steps"] == 2
+    assert lines[2]["follow_ups"][0]["kind"] == "apply" and lines[2]["follow_ups"][0]["status"] == "done"
 
 
 @pytest.fixture(scope="module")
@@ -121,8 +127,25 @@ def test_the_record_rule(tiny_model, pictures, tmp_path):
     assert found(train="all")[0].startswith("train 'ffn', the job's is 'all'")  # a default left out is a default
 
 
+def test_defaults_paths_and_the_three_ways_to_name_concepts(tmp_path):
+    (tmp_path / "models" / "local").mkdir(parents=True)
+    (tmp_path / "two.json").write_text(json.dumps([{"concept": "a", "images": "pa"}, {"concept": "b", "images": "pb"}]))
+    path = tmp_path / "jobs.yaml"
+    path.write_text(yaml.safe_dump({"defaults": {"concept": "seven", "images": "sevens", "steps": 3, "model": "org/sd"},
+                                    "jobs": [{"output": "o1", "seed": 2},
+                                             {"output": "o2", "concepts": "two.json", "model": "models/local"},
+                                             {"output": "o3", "concepts": [{"concept": " x  y ", "images": ["i.png"]}]}]}))
+    first, second, third = read_jobs(path)
+    assert [spec.concept for spec in first.specs] == ["seven"] and first.specs[0].images == (str(tmp_path / "sevens"),)
+    assert first.settings == {"steps": 3, "seed": 2} and first.model == "org/sd"  # a Hub id
+    assert [spec.images for spec in second.specs] == [(str(tmp_path / "pa"),), (str(tmp_path / "pb"),)]
+    assert second.model == str(tmp_path / "models/local")  # there beside the manifest: a path, not a Hub id
+    assert third.specs[0].concept == "x y" and third.output == tmp_path / "o3" and third.name == "o3"
+
+
 def test_shards_cover_the_manifest_once(local_run, tmp_path):
-    jobs = read_jobs(write_manifest(tmp_path, [{"concept": f"c{n}", "images": "x", "output": f"o{n}"} for n in range(11)]))
+    eleven = [{"concept": f"c{n}", "images": "x", "output": f"o{n}"} for n in range(11)]
+    jobs = read_jobs(write_manifest(tmp_path, eleven))
     for count in (1, 2, 3, 11, 12):
         slices = [[job.number for job in shard(jobs, index, count)] for index in range(1, count + 1)]
         assert sorted(sum(slices, [])) == list(range(1, 12))
@@ -142,12 +165,15 @@ def ray_run(tiny_model, pictures, tmp_path_factory):
     return folder, manifest, run_cli_process("batch", manifest, "--ray", "--workers", "2", "-q", timeout=300)
 
 
-def test_ray_run_writes_what_erase_alone_writes_and_a_bad_job_fails_alone(ray_run, tiny_model, pictures, tmp_path):
+def test_ray_run_writes_what_erase_alone_writes_a_bad_job_fails_alone_and_a_rerun_skips(ray_run, tiny_model, pictures,
+                                                                                          tmp_path):
     folder, manifest, result = ray_run
     assert result.returncode == 1, result.stderr
     check_lines(folder)
     check_outputs(tiny_model("sd1"), pictures, folder, tmp_path)
-    assert len({line["erase"]["worker"]["pid"] for line in results(folder).values()}) >= 1
+    rerun = run_cli_process("batch", manifest, "--ray", "--workers", "2", "-q", timeout=300)
+    assert rerun.returncode == 1 and [line["status"] for _, line in sorted(results(folder).items())] == \
+        ["skipped", "skipped", "failed"]
 
 
 def free_port() -> int:
@@ -165,11 +191,11 @@ GOOD = {"concept": "seven", "images": "pictures", "output": "out/seven"}
     ({"jobs": [GOOD, {**GOOD, "output": "b", "colour": 1}]}, [], "line 8 (job 2): unknown field 'colour'"),
     ({"jobs": [{"images": "pictures", "output": "a"}]}, [], "(job 1): no concept"),
     ({"jobs": [{"concept": "seven", "output": "a"}]}, [], "(job 1): concept without 'images'"),
-    ({"jobs": [GOOD, {"concept": "six", "images": "pictures", "output": "out/seven"}]}, [], "is also written by line 2 (job 1)"),
-    ({"jobs": [GOOD, {"concept": "six", "images": "pictures", "output": "pictures/six"}]}, [], "an input of line 2 (job 1)"),
+    ({"jobs": [GOOD, {**GOOD, "concept": "six"}]}, [], "is also written by line 2 (job 1)"),
+    ({"jobs": [GOOD, {**GOOD, "output": "pictures/six"}]}, [], "pictures/six is inside"),
     ({"jobs": [GOOD, {"concept": "six", "images": "out/seven/x", "output": "b"}]}, [], "inside"),
     ({"jobs": [{**GOOD, "lr": "fast"}]}, [], "field 'lr': must be a number"),
-    ({"jobs": [{**GOOD, "export": {"format": "zip", "output": "e.safetensors"}}]}, [], "field 'format': unknown format 'zip'"),
+    ({"jobs": [{**GOOD, "export": {"format": "zip", "output": "e.safetensors"}}]}, [], "field 'format': unknown"),
     ({"jobs": [GOOD]}, ["--shard", "3/2"], "--shard 3/2 is out of range"),
     ({"jobs": [GOOD]}, ["--shard", "0/2"], "--shard 0/2 is out of range"),
     ({"jobs": [GOOD]}, ["--ray", f"127.0.0.1:{free_port()}", "--ray-timeout", "2"], "did not answer within 2 s"),

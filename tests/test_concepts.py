@@ -194,3 +194,33 @@ def test_a_run_that_ended_on_a_check_is_not_read_twice(trajectory, said):
     after = Snapshot({"x": -0.003}, {}, [], {"x": 0.08}, {})
     erased = report(before, after, [SimpleNamespace(concept="x", anchor=None)], trajectory)["erased"]["x"]
     assert erased["verdict"] == said and erased["gone"] is (said == "erased")
+
+
+@pytest.mark.parametrize("preserve_weight, held", [(1.0, [["tiny robot"]]), (0.0, [])])
+def test_a_concept_found_done_is_held_where_it_is_while_the_others_go_on(tiny_model, pictures, tmp_path, monkeypatch,
+                                                                       preserve_weight, held):
+    from fewshot_erase import effects, stopping  # noqa: F401 -- effects first: the report keeps the real measure
+    from fewshot_erase.api import erase_concepts
+
+    # the robot reads as done at every check, the cube never: from the first check on, the robot's captions join the
+    # retain term's references (when there is a retain term), once
+    monkeypatch.setattr(stopping, "advantage",
+                        lambda parts, target, *rest: -1.0 if target.concept == "tiny robot" else 1.0)
+    specs = [ConceptSpec("tiny robot", (str(pictures),)), ConceptSpec("blue cube", (str(pictures),))]
+    result = erase_concepts(specs, tmp_path / "out", model=str(tiny_model("sd1").folder), steps=24, lr=1e-3,
+                            until="gone", preserve=("green tree",), preserve_weight=preserve_weight)
+    trajectory = result.record["trajectory"]
+    assert [entry["held"] for entry in trajectory if "held" in entry] == held
+    assert all(entry["concept"] == "blue cube" for entry in trajectory[16:])
+
+
+@pytest.mark.parametrize("options, weight", [({"preserve": ("green tree",)}, 1.0), ({}, 0.0),
+                                             ({"preserve": ("green tree",), "preserve_weight": 0.5}, 0.5)])
+def test_naming_concepts_to_keep_turns_the_retain_term_on(tiny_model, pictures, tmp_path, options, weight):
+    """On a Stable Diffusion model the published weight 0 stands until the user names what to keep."""
+    from fewshot_erase.api import erase_concepts
+
+    result = erase_concepts([ConceptSpec("tiny robot", (str(pictures),))], tmp_path / "out",
+                            model=str(tiny_model("sd1").folder), steps=2, lr=1e-3, **options)
+    assert result.record["settings"]["preserve_weight"] == weight
+    assert all(("retain" in entry) == (weight > 0) for entry in result.record["trajectory"])

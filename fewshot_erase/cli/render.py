@@ -12,7 +12,7 @@ import warnings
 import click
 from rich.console import Console
 
-from ..errors import EraseError
+from ..errors import FROM_CLI, EraseError
 
 INTERRUPTED = 130
 stderr = Console(stderr=True, highlight=False)
@@ -63,6 +63,7 @@ def handled(quiet: bool = False):
 
         warnings.simplefilter("default" if not quiet else "ignore", EraseWarning)
         warnings.showwarning = _show_warning
+        token = FROM_CLI.set(True)
         try:
             yield
         except EraseError as error:
@@ -80,6 +81,8 @@ def handled(quiet: bool = False):
             stderr.print(f"[red]error:[/] unexpected {type(error).__name__}: {first} "
                          "(set FEWSHOT_ERASE_DEBUG=1 for the traceback and report it)", soft_wrap=True)
             sys.exit(1)
+        finally:
+            FROM_CLI.reset(token)
 
 
 def verdict(effect: dict) -> str:
