@@ -1,4 +1,4 @@
-"""What the default erase costs over the bare published method on the demo: issue 7's "wall time at most 2x".
+"""What the default erase costs over the bare published method on the demo, against the target of at most 2x.
 
     python -m benchmarks.overhead                      # every digit, erase seeds 0,1,2, both methods, 3 repeats
     python -m benchmarks.overhead --digits 7 --seeds 0 --repeats 1

@@ -160,10 +160,13 @@ def caption_drifts(current: list[torch.Tensor], reference: list[torch.Tensor]) -
     return sum((new.float() - old.float()).pow(2).flatten(1).mean(1) for new, old in zip(current, reference))
 
 
-def retain_term(kept_now: list[torch.Tensor], kept: list[str], frozen: dict, settings) -> tuple[torch.Tensor, dict]:
-    """The preservation term added to the objective, and what the trajectory records of it."""
-    drifts = caption_drifts(kept_now, stacked(frozen, kept))
-    return settings.preserve_weight * drifts.mean(), {"retain": drifts.mean().item(), "drift_worst": drifts.max().item()}
+def retain_term(now: list[torch.Tensor], captions: list[str], frozen: dict, settings,
+                watched: int) -> tuple[torch.Tensor, dict]:
+    """The preservation term added to the objective, and what the trajectory records of it: the worst drift of the
+    first `watched` captions (the kept concepts; the held ones after them are not what the drift bound is about)."""
+    drifts = caption_drifts(now, stacked(frozen, captions))
+    worst = drifts[:watched].max().item() if watched else 0.0
+    return settings.preserve_weight * drifts.mean(), {"retain": drifts.mean().item(), "drift_worst": worst}
 
 
 def batches(image_count: int, batch_size: int, flip: bool, generator):
@@ -204,12 +207,12 @@ class Loop:
 
 
 def erase_step(loop: Loop, target: Target, picked: list[int], templates: list[str], kept: list[str],
-               step: int) -> dict:
+               held: list[str], step: int) -> dict:
     """One step of ascent (or steering) on `target`'s `picked` pictures captioned with `templates`, with the retain
-    term on the `kept` captions."""
+    term on the `kept` captions and the `held` ones."""
     # At the first step no weight has moved: the retain term and its gradient are zero, and the kept rows would cost
     # an encoder forward and backward for nothing.
-    compared = kept if step > 0 else []
+    compared = kept + held if step > 0 else []
     cond, kept_now = split_conditioning(loop.encode([fill(t, target.concept) for t in templates] + compared),
                                         len(picked))
     noisy, timesteps, goal = noised(target.latents[picked], loop.scheduler, loop.generator)
@@ -219,7 +222,7 @@ def erase_step(loop: Loop, target: Target, picked: list[int], templates: list[st
         raise RunFailure(f"the loss became {value.item()} at step {step + 1}; lower --lr (now {loop.settings.lr}) or use --dtype float32")
     entry = {"concept": target.concept, "loss": loss.item()}
     if compared:
-        retain, recorded = retain_term(kept_now, compared, loop.frozen, loop.settings)
+        retain, recorded = retain_term(kept_now, compared, loop.frozen, loop.settings, len(kept))
         value = value + retain
         entry.update(recorded)
     elif kept:
@@ -228,21 +231,25 @@ def erase_step(loop: Loop, target: Target, picked: list[int], templates: list[st
     return entry
 
 
-def hold(loop: Loop, target: Target, held: list[str]) -> bool:
+def hold(loop: Loop, target: Target) -> list[str]:
     """A concept found done is held where it is: its captions' conditioning now joins the retain term's references,
-    so that ascent on the other concepts, or repair steps, cannot bring it back. False if it is held already."""
+    so that ascent on the other concepts, or repair steps, cannot bring it back. Its captions."""
     captions = [target.caption(i) for i in range(len(target.templates))]
-    if captions[0] in held:
-        return False
     loop.frozen.update(frozen_conditioning(loop.parts.pipeline, loop.parts.family, captions, loop.resolution,
                                            loop.parts.dtype))
-    return True
+    return captions
 
 
-def repair_step(loop: Loop, kept: list[str]) -> dict:
-    """A retain-only step: the kept captions' conditioning pulled back toward the original's, nothing erased (a
-    text encoder forward and backward over the kept captions, about half an erase step)."""
-    retain, recorded = retain_term(conditioning_tensors(loop.encode(kept)), kept, loop.frozen, loop.settings)
+def held_rows(held: dict[str, list[str]], step: int) -> list[str]:
+    """One caption per held concept a step, in turn: each weighs in the retain term as one kept concept does."""
+    return [captions[step % len(captions)] for captions in held.values()]
+
+
+def repair_step(loop: Loop, kept: list[str], held: list[str]) -> dict:
+    """A retain-only step: the kept captions' conditioning pulled back toward the original's, the held ones toward
+    where they were held, nothing erased (an encoder forward and backward over them, about half an erase step)."""
+    rows = kept + held
+    retain, recorded = retain_term(conditioning_tensors(loop.encode(rows)), rows, loop.frozen, loop.settings, len(kept))
     loop.descend(retain)
     return {"repair": True, **recorded}
 
@@ -272,17 +279,17 @@ def run(parts, targets: list[Target], settings: EraseSettings, before: Snapshot,
     earliest_stop = min(published_length, steps)  # --until never stops before the published schedule is done
     losses, trajectory = [], []
     active = list(range(len(targets)))  # with --until, a concept found done leaves the rotation
-    held: list[str] = []  # with --until, the captions of the concepts found done, held where they were then
+    held: dict[str, list[str]] = {}  # with --until: concept found done -> its captions, held where they were then
     repairing = False  # with --until: every concept is done, but a kept one has drifted past the bound
     for step in range(steps):
         if repairing:
-            trajectory.append(repair_step(loop, (next(retained) if retained else []) + held))
+            trajectory.append(repair_step(loop, next(retained) if retained else [], held_rows(held, step)))
         else:
             index = active[step % len(active)]  # several concepts take turns, each with its own pictures
             target, picked = targets[index], next(streams[index])
             templates = [captions_rng.choice(target.templates) for _ in picked]
-            kept = (next(retained) if retained else []) + held
-            trajectory.append(erase_step(loop, target, picked, templates, kept, step))
+            kept = next(retained) if retained else []
+            trajectory.append(erase_step(loop, target, picked, templates, kept, held_rows(held, step), step))
             losses.append(trajectory[-1]["loss"])
         on_step(step, losses[-1])
         if settings.until and step + 1 >= earliest_stop and (step + 1) % settings.until_window == 0:
@@ -290,8 +297,8 @@ def run(parts, targets: list[Target], settings: EraseSettings, before: Snapshot,
                 parts, targets[i], loop.scheduler, before.empty, settings, before.blank) for i in active}
             still = stopping.still_there(targets, active, before.advantage, before.blank, trajectory)
             for i in active if settings.preserve_weight > 0 else ():
-                if i not in still and not targets[i].anchor and hold(loop, targets[i], held):
-                    held += [targets[i].caption(k) for k in range(len(targets[i].templates))]
+                if i not in still and not targets[i].anchor and targets[i].concept not in held:
+                    held[targets[i].concept] = hold(loop, targets[i])
                     trajectory[-1].setdefault("held", []).append(targets[i].concept)
             if not still and stopping.drift_ok(trajectory, settings.until_window, settings.until_drift):
                 return LoopResult(losses, trajectory, True, trained)

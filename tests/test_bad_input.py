@@ -1,4 +1,4 @@
-"""Bad input, faults and hostile files (issues 2 and 6): every case ends in one line on stderr that names the problem
+"""Bad input, faults and hostile files: every case ends in one line on stderr that names the problem
 and the fix, with exit code 2 for bad input and 1 for a failure while running (130 when interrupted); no output,
 partial folder or temporary file is left behind, and every input file is byte-identical afterwards. The inputs the
 README says are converted (CMYK, 16-bit, palette with transparency, animated files, long concepts, --overwrite)
