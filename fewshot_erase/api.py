@@ -17,7 +17,8 @@ from . import images as image_io
 from . import prompts
 from .concepts import COMMON_CONCEPTS, ConceptSpec, automatic_preserve, check_specs, nearest
 from .errors import BadInput, EraseWarning, RunFailure, python_terms
-from .models import PICKLE_SUFFIXES, import_libraries, load_pipeline_parts, resolve_device, resolve_model
+from .models import (PICKLE_SUFFIXES, KeptModel, import_libraries, load_pipeline_parts, resolve_device,
+                     resolve_model)
 from .base import base_identity
 from .record import RECORD_FORMAT, library_versions
 from .settings import EraseSettings, with_implied
@@ -111,10 +112,11 @@ def erase_concepts(
     allow_pickle: bool = False,
     auto_preserve: bool = True,
     progress: Progress | None = None,
+    kept: KeptModel | None = None,
     **settings,
 ) -> EraseResult:
     """Erase one or several concepts into one patched encoder. Raises BadInput or RunFailure and then has
-    written nothing."""
+    written nothing. `kept`: reuse the model it holds when it is the same one (consecutive jobs of a batch)."""
     progress = progress or Progress()
     timings: dict[str, float] = {}
     started = time.perf_counter()
@@ -146,8 +148,8 @@ def erase_concepts(
         threads = use_threads(run_settings.threads)
         timings["import"] = time.perf_counter() - clock
         clock = time.perf_counter()
-        parts = load_pipeline_parts(source, device=run_settings.device, dtype=run_settings.dtype, config=config,
-                                    allow_pickle=allow_pickle)
+        parts = (kept.load if kept else load_pipeline_parts)(source, device=run_settings.device, dtype=run_settings.dtype,
+                                                             config=config, allow_pickle=allow_pickle)
     timings["load"] = time.perf_counter() - clock
     run_settings = run_settings.replace(resolution=run_settings.resolution or parts.resolution)
     templates = {spec.concept: tuple(run_settings.templates or prompts.default_templates(spec.style or run_settings.style))

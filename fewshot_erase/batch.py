@@ -78,6 +78,17 @@ def erase_step(job: Job, overwrite: bool = False, progress=None) -> dict:
     return _step(lambda: _erase(job, overwrite, progress))
 
 
+_KEPT = []  # this process's KeptModel, made on its first erase: a worker loads a model once for consecutive jobs
+
+
+def _kept_model():
+    from .models import KeptModel
+
+    if not _KEPT:
+        _KEPT.append(KeptModel())
+    return _KEPT[0]
+
+
 def _erase(job: Job, overwrite: bool, progress) -> dict:
     from .api import EraseResult, erase_concepts
     from .outputs import read_record
@@ -95,7 +106,7 @@ def _erase(job: Job, overwrite: bool, progress) -> dict:
             raise BadInput(f"output {job.output} exists but is not this job's erase ({found[0]}); remove it, or pass "
                            "--overwrite to replace it")
     result = erase_concepts(list(job.specs), job.output, model=job.model, overwrite=overwrite, progress=progress,
-                            **job.loading, **job.settings)
+                            kept=_kept_model(), **job.loading, **job.settings)
     return {"status": DONE, "report": result.summary()}
 
 

@@ -291,3 +291,27 @@ def load_pipeline_parts(source: ModelSource, *, device: str = "auto", dtype: str
         getattr(pipeline, name).to(dtype=torch.float32)
     pipeline.to(torch_device)
     return PipelineParts(pipeline=pipeline, family=family, source=source, device=torch_device, dtype=torch_dtype)
+
+
+class KeptModel:
+    """The last pipeline loaded, kept for the next erase from the same model in this process (a batch worker). Its
+    text encoders go back to their original weights, and the UNet to its plain forward, before it is lent again, so
+    an erase from it is the same as one from a fresh load."""
+
+    def __init__(self):
+        self.key, self.parts, self.originals = None, None, {}
+
+    def load(self, source: ModelSource, **options) -> PipelineParts:
+        key = (source.kind, source.reference, str(source.path), tuple(sorted(options.items())))
+        if key != self.key:
+            self.key, self.parts, self.originals = None, None, {}  # the previous model goes before the next loads
+            parts = load_pipeline_parts(source, **options)
+            self.originals = {name: {key: tensor.detach().clone() for key, tensor in parts.text_encoder(name).state_dict().items()}
+                              for name in parts.family.encoders}
+            self.key, self.parts = key, parts
+            return parts
+        for name, state in self.originals.items():
+            self.parts.text_encoder(name).load_state_dict(state)
+        if self.parts.pipeline.unet.is_gradient_checkpointing:  # a --low-memory job before this one
+            self.parts.pipeline.unet.disable_gradient_checkpointing()
+        return self.parts

@@ -214,3 +214,20 @@ def test_bad_input_is_one_line_exit_2_and_nothing_run(tmp_path, manifest, argume
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], result.stderr
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob("results*"))
+
+
+def test_consecutive_jobs_on_one_model_load_it_once(tiny_model, pictures, tmp_path, monkeypatch):
+    """The second job reuses the first one's pipeline, put back to its original text encoders: its files are still
+    the bytes an erase alone writes (as the local run above checks)."""
+    from fewshot_erase import batch, models
+
+    loads, load = [], models.load_pipeline_parts
+    monkeypatch.setattr(models, "load_pipeline_parts", lambda *args, **kwargs: loads.append(args) or load(*args, **kwargs))
+    monkeypatch.setattr(batch, "_KEPT", [])  # a fresh worker
+    tiny = tiny_model("sd1")
+    folder = tmp_path / "run"
+    manifest = three_jobs(tiny, pictures, folder)
+    (folder / "out").mkdir()
+    result = run_cli("batch", manifest)
+    assert result.exit_code == 1 and len(loads) == 1  # jobs 1 and 2 erased from one load; job 3 fails before loading
+    check_outputs(tiny, pictures, folder, tmp_path)
