@@ -192,7 +192,7 @@ class Loop:
     optimizer: torch.optim.Optimizer
     scheduler: object
     generator: torch.Generator  # the pictures' noise and timesteps (the batches draw from it too)
-    frozen: dict  # caption -> the original encoder's conditioning (kept captions, anchors, the empty caption)
+    frozen: dict  # caption -> the original encoder's conditioning (kept captions, anchors), and the held ones'
     resolution: int
     device: torch.device  # the UNet's, asked once: asking diffusers costs a walk of the UNet
 
@@ -271,7 +271,6 @@ def run(parts, targets: list[Target], settings: EraseSettings, before: Snapshot,
     anchors = [fill(template, t.anchor) for t in targets if t.anchor for template in t.templates]
     frozen = frozen_conditioning(pipeline, family, [c for group in pool.values() for c in group] + anchors,
                                  resolution, dtype, before.originals)
-    frozen[""] = before.empty
     loop = Loop(parts, settings, optimizer_for(trained, settings, parts.device), training_scheduler(pipeline),
                 generator, frozen, resolution, pipeline.unet.device)
     published_length = sum(settings.replace(steps=None).step_count(t.image_count) for t in targets)
