@@ -177,6 +177,8 @@ def erase_concepts(
             latents = method.encode_images_once(parts.pipeline.vae, pixels, parts.device, parts.dtype)
             targets.append(method.Target(spec.concept, latents, len(pictures), templates[spec.concept], spec.anchor))
             advance()
+    if parts.device.type != "cpu":
+        parts.pipeline.vae.to("cpu")  # not needed again: its GPU memory goes to the loop (docs/gpu-memory.md)
     timings["encode"] = time.perf_counter() - clock
 
     clock = time.perf_counter()

@@ -107,6 +107,7 @@ class PipelineParts:
     source: ModelSource
     device: object
     dtype: object
+    host: str = "cpu"  # where weights wait while off the GPU (the memory estimate's fake run says "meta")
 
     @property
     def resolution(self) -> int:

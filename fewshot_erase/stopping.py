@@ -16,7 +16,7 @@ from .denoising import noised, prediction_error
 
 ADVANTAGE_SEED = 4021  # fixed: every check of a run, and the report before and after, see the same noise
 ADVANTAGE_REPEATS = 2  # each picture at two timesteps: six pictures alone make a noisy estimate
-NO_GRAD_ROWS = 6  # x the run's batch size per UNet call: without gradients a forward holds far less memory
+NO_GRAD_ROWS = 6  # x the run's batch size per UNet call (not with --low-memory): a forward without gradients holds far less
 
 # How much further than "undoing the pull it had" the captions must push away, as a share of the empty caption's
 # loss: the advantage before training is small and noisy, and without a margin digits were called gone while drawn.
@@ -43,7 +43,7 @@ def advantage(parts, target, scheduler, empty: list[torch.Tensor], settings, bla
     index = torch.tensor([unique.index(caption) for caption in captions])
     known = target.concept in blank
     with_text = without_text = 0.0
-    chunk = settings.batch_size * NO_GRAD_ROWS
+    chunk = settings.batch_size * (1 if settings.low_memory else NO_GRAD_ROWS)
     for start in range(0, len(latents), chunk):
         rows = slice(start, start + chunk)
         count = len(captions[rows])

@@ -27,6 +27,7 @@ from .denoising import noised, training_scheduler
 from .effects import Snapshot
 from .errors import RunFailure
 from .prompts import fill
+from .placement import frozen_parts_in, stepping_in_backward
 from .settings import EraseSettings
 
 
@@ -53,6 +54,8 @@ def encode_images_once(vae, pixels: torch.Tensor, device, dtype, chunk: int | No
     """Latents for the whole run. The distribution's mean, not a sample: the pictures are few, and a fixed
     encoding keeps the run deterministic; the noise the loss adds dominates the VAE's own variance anyway."""
     chunk = chunk or max(1, ENCODE_PIXELS // (pixels.shape[-2] * pixels.shape[-1]))
+    if vae.device != torch.device(device):
+        vae.to(device)  # back from the host, where an earlier erase of this loaded model left it
     unet_dtype = dtype
     if dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
         # SDXL's VAE overflows in fp16 (its config says so); the encoder runs once, so fp32 costs nothing here.
@@ -110,13 +113,6 @@ def prepare_encoders(parts, settings: EraseSettings) -> dict:
         if name not in chosen:
             encoder.requires_grad_(False)
     return trained
-
-
-def optimizer_for(trained: dict, settings: EraseSettings, device) -> torch.optim.Optimizer:
-    parameters = [p for group in trained.values() for p in group.values()]
-    # Fused: one kernel over all the weights instead of a loop over them (faster on CPU, fewer launches on GPU).
-    return torch.optim.Adam(parameters, lr=settings.lr, betas=settings.betas, eps=settings.eps,
-                            weight_decay=settings.weight_decay, fused=device.type in ("cpu", "cuda"))
 
 
 def objective(unet, noisy, timesteps, goal, cond, anchor_cond: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,7 +185,6 @@ class Loop:
 
     parts: object
     settings: EraseSettings
-    optimizer: torch.optim.Optimizer
     scheduler: object
     generator: torch.Generator  # the pictures' noise and timesteps (the batches draw from it too)
     frozen: dict  # caption -> the original encoder's conditioning (kept captions, anchors), and the held ones'
@@ -201,9 +196,7 @@ class Loop:
                             self.device)
 
     def descend(self, objective_value: torch.Tensor) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        objective_value.backward()
-        self.optimizer.step()
+        objective_value.backward()  # each weight takes its step during it (stepping_in_backward)
 
 
 def erase_step(loop: Loop, target: Target, picked: list[int], templates: list[str], kept: list[str],
@@ -271,8 +264,7 @@ def run(parts, targets: list[Target], settings: EraseSettings, before: Snapshot,
     anchors = [fill(template, t.anchor) for t in targets if t.anchor for template in t.templates]
     frozen = frozen_conditioning(pipeline, family, [c for group in pool.values() for c in group] + anchors,
                                  resolution, dtype, before.originals)
-    loop = Loop(parts, settings, optimizer_for(trained, settings, parts.device), training_scheduler(pipeline),
-                generator, frozen, resolution, pipeline.unet.device)
+    loop = Loop(parts, settings, training_scheduler(pipeline), generator, frozen, resolution, pipeline.unet.device)
     published_length = sum(settings.replace(steps=None).step_count(t.image_count) for t in targets)
     steps = settings.steps or published_length
     earliest_stop = min(published_length, steps)  # --until never stops before the published schedule is done
@@ -280,28 +272,30 @@ def run(parts, targets: list[Target], settings: EraseSettings, before: Snapshot,
     active = list(range(len(targets)))  # with --until, a concept found done leaves the rotation
     held: dict[str, list[str]] = {}  # with --until: concept found done -> its captions, held where they were then
     repairing = False  # with --until: every concept is done, but a kept one has drifted past the bound
-    for step in range(steps):
-        if repairing:
-            trajectory.append(repair_step(loop, next(retained) if retained else [], held_rows(held, step)))
-        else:
-            index = active[step % len(active)]  # several concepts take turns, each with its own pictures
-            target, picked = targets[index], next(streams[index])
-            templates = [captions_rng.choice(target.templates) for _ in picked]
-            kept = next(retained) if retained else []
-            trajectory.append(erase_step(loop, target, picked, templates, kept, held_rows(held, step), step))
-            losses.append(trajectory[-1]["loss"])
-        on_step(step, losses[-1])
-        if settings.until and step + 1 >= earliest_stop and (step + 1) % settings.until_window == 0:
-            trajectory[-1]["advantage"] = {targets[i].concept: stopping.advantage(
-                parts, targets[i], loop.scheduler, before.empty, settings, before.blank) for i in active}
-            still = stopping.still_there(targets, active, before.advantage, before.blank, trajectory)
-            for i in active if settings.preserve_weight > 0 else ():
-                if i not in still and not targets[i].anchor and targets[i].concept not in held:
-                    held[targets[i].concept] = hold(loop, targets[i])
-                    trajectory[-1].setdefault("held", []).append(targets[i].concept)
-            if not still and stopping.drift_ok(trajectory, settings.until_window, settings.until_drift):
-                return LoopResult(losses, trajectory, True, trained)
-            # every concept done but a kept one dragged along: pull the kept ones back without more ascent
-            repairing = not still
-            active = still or active
-    return LoopResult(losses, trajectory, False, trained)
+    encoders = [parts.text_encoder(name) for name in family.encoders]
+    with stepping_in_backward(trained, settings, parts.device), frozen_parts_in(encoders, dtype, parts.host):
+        for step in range(steps):
+            if repairing:
+                trajectory.append(repair_step(loop, next(retained) if retained else [], held_rows(held, step)))
+            else:
+                index = active[step % len(active)]  # several concepts take turns, each with its own pictures
+                target, picked = targets[index], next(streams[index])
+                templates = [captions_rng.choice(target.templates) for _ in picked]
+                kept = next(retained) if retained else []
+                trajectory.append(erase_step(loop, target, picked, templates, kept, held_rows(held, step), step))
+                losses.append(trajectory[-1]["loss"])
+            on_step(step, losses[-1])
+            if settings.until and step + 1 >= earliest_stop and (step + 1) % settings.until_window == 0:
+                trajectory[-1]["advantage"] = {targets[i].concept: stopping.advantage(
+                    parts, targets[i], loop.scheduler, before.empty, settings, before.blank) for i in active}
+                still = stopping.still_there(targets, active, before.advantage, before.blank, trajectory)
+                for i in active if settings.preserve_weight > 0 else ():
+                    if i not in still and not targets[i].anchor and targets[i].concept not in held:
+                        held[targets[i].concept] = hold(loop, targets[i])
+                        trajectory[-1].setdefault("held", []).append(targets[i].concept)
+                if not still and stopping.drift_ok(trajectory, settings.until_window, settings.until_drift):
+                    return LoopResult(losses, trajectory, True, trained)
+                # every concept done but a kept one dragged along: pull the kept ones back without more ascent
+                repairing = not still
+                active = still or active
+        return LoopResult(losses, trajectory, False, trained)

@@ -1,0 +1,41 @@
+"""`fewshot-erase memory [--family F] [--resolution N] [--low-memory] [--json]`"""
+
+from __future__ import annotations
+
+import click
+
+from .render import handled, print_json
+
+
+@click.command("memory")
+@click.option("--family", "family_names", multiple=True, metavar="sd1|sd2|sdxl",
+              help="Architecture to estimate (repeatable; default all three), at its full size.")
+@click.option("--resolution", type=int, help="Training resolution in pixels (default: each family's native one).")
+@click.option("--preset", default="default", show_default=True, metavar="default|published|preserve",
+              help="default: `erase` with no options; published: --no-preserve; preserve: 12 kept concepts and --until gone.")
+@click.option("--low-memory", is_flag=True, help="Estimate an erase with --low-memory.")
+@click.option("--dtype", default="bfloat16", show_default=True, help="The GPU's compute dtype (bfloat16, float16).")
+@click.option("--json", "as_json", is_flag=True, help="Print the estimates as JSON on stdout.")
+def memory_command(family_names, resolution, preset, low_memory, dtype, as_json):
+    """Will an erase fit on my GPU? Runs the real erase on fake tensors (no GPU, no weights, no memory): peak GPU
+    memory by kind, FLOPs per step against the bare UNet's, and predicted times on a few cards."""
+    with handled():
+        from .. import gpu_memory
+
+        names = list(family_names) or ["sd1", "sd2", "sdxl"]
+        gpu_memory.check_request(names, resolution, preset, dtype)
+        results = [gpu_memory.report(gpu_memory.estimate(name, resolution, preset, low_memory, dtype)) for name in names]
+    if as_json:
+        print_json({"estimates": results})
+        return
+    for result in results:
+        kinds = ", ".join(f"{kind} {size:.2f}" for kind, size in result["at_peak_gib"].items() if size >= 0.005)
+        fits = ", ".join(f"{card} {'yes' if ok else 'no'}" for card, ok in result["fits"].items())
+        times = ", ".join(f"{card} {seconds:.1f} s" for card, seconds in result["predicted_seconds"].items())
+        mode = ", --low-memory" if result["low_memory"] else ""
+        click.echo(f"{result['family']} at {result['resolution']} px ({result['preset']}{mode}, {result['dtype']}): "
+                   f"peak {result['peak_gib']:.2f} GiB ({kinds}); while encoding {result['encode_peak_gib']:.2f} GiB")
+        click.echo(f"  fits: {fits}")
+        click.echo(f"  a step {result['tflops']['step']:.2f} TFLOPs, {result['loop_over_floor']:.2f}x the bare UNet's; "
+                   f"predicted for the {result['published_schedule_steps']}-step schedule "
+                   f"(at {result['utilisation_assumed']:.0%} of peak): {times}")

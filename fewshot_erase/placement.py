@@ -1,0 +1,63 @@
+"""Where the erase's tensors live, and in what dtype, while the loop runs: what a GPU's memory needs, with the
+updates unchanged. The CPU computes in fp32, where both are exact (the weights an erase writes are the same bytes).
+How much each saves, measured: docs/gpu-memory.md."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+from .settings import EraseSettings
+
+
+@contextmanager
+def stepping_in_backward(trained: dict, settings: EraseSettings, device):
+    """One Adam a trained weight, stepped by a hook as soon as backward has accumulated that weight's gradient,
+    which is then freed: no gradient outlives its own update (on a GPU, the gradients never all exist at once), and
+    each update is the one a single Adam over all the weights would make."""
+    parameters = [p for group in trained.values() for p in group.values()]
+    # Fused: one kernel for the whole update of a weight instead of one per operation.
+    optimizers = {p: torch.optim.Adam([p], lr=settings.lr, betas=settings.betas, eps=settings.eps,
+                                      weight_decay=settings.weight_decay, fused=device.type in ("cpu", "cuda"))
+                  for p in parameters}
+
+    def step(parameter):
+        optimizers[parameter].step()
+        parameter.grad = None
+
+    hooks = [p.register_post_accumulate_grad_hook(step) for p in parameters]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+@contextmanager
+def frozen_parts_in(encoders, dtype, host):
+    """The trained encoders' frozen weights in the compute dtype for the loop (half their memory and their
+    activations' in bf16); a module holding trained weights stays fp32, its inputs cast up and its output cast back
+    down. The exact frozen weights wait on the `host` and come back afterwards, for the report and the save."""
+    if dtype == torch.float32:
+        yield
+        return
+    waiting, hooks = {}, []
+    for encoder in encoders:
+        for module in encoder.modules():
+            own = list(module.parameters(recurse=False))
+            if any(p.requires_grad for p in own):
+                hooks.append(module.register_forward_pre_hook(lambda module, args: tuple(
+                    a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)))
+                hooks.append(module.register_forward_hook(lambda module, args, out: out.to(dtype)))
+            else:
+                for parameter in own:
+                    waiting[parameter] = parameter.detach().to(host, copy=True)
+                    parameter.data = parameter.data.to(dtype)
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for parameter, original in waiting.items():
+            parameter.data = original.to(parameter.device)

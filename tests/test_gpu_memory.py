@@ -1,0 +1,86 @@
+"""`fewshot-erase memory`: the real erase run on fake tensors, and its accounting adding up."""
+
+import json
+
+import pytest
+import torch
+from helpers import run_cli
+
+from fewshot_erase import gpu_memory
+from fewshot_erase.models import DEMO_DIR
+
+BLOCK = gpu_memory.BLOCK
+
+
+def rounded(tensors) -> int:
+    return sum(-(-t.untyped_storage().nbytes() // BLOCK) * BLOCK for t in tensors)
+
+
+def test_the_tracker_counts_weights_gradients_optimizer_state_and_activations_by_kind():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        frozen, trained = torch.nn.Linear(256, 256), torch.nn.Linear(256, 256)
+        frozen.requires_grad_(False)
+        optimizer = torch.optim.Adam(trained.parameters())
+        with gpu_memory.PeakMemory([frozen, trained], list(trained.parameters())) as memory:
+            assert memory.live["weights"] == rounded([*frozen.parameters(), *trained.parameters()])
+            trained(frozen(torch.randn(64, 256))).pow(2).sum().backward()
+            assert memory.live["gradients"] == rounded([p.grad for p in trained.parameters()])
+            optimizer.step()
+            moments = [state[key] for state in optimizer.state.values() for key in ("exp_avg", "exp_avg_sq")]
+            assert memory.live["optimizer"] >= rounded(moments)
+            assert memory.peak >= memory.live["weights"] + memory.live["gradients"] + 64 * 256 * 4
+
+
+@pytest.fixture(scope="module")
+def demo_estimate():
+    return gpu_memory.estimate("sd1", preset="preserve", dtype="bfloat16", folder=DEMO_DIR)
+
+
+def test_the_demo_erase_runs_on_fake_tensors_and_its_weights_add_up(demo_estimate):
+    from transformers import CLIPTextConfig
+
+    config = json.loads((DEMO_DIR / "unet" / "config.json").read_text())
+    assert demo_estimate.resolution == config["sample_size"] * 2
+    at_peak = demo_estimate.at_peak
+    assert sum(at_peak.values()) == demo_estimate.peak
+    # the UNet in bf16, the encoder's feed-forward weights in fp32 and the rest of it in bf16 during the loop
+    text = CLIPTextConfig.from_json_file(str(DEMO_DIR / "text_encoder" / "config.json"))
+    ffn = text.num_hidden_layers * (2 * text.hidden_size * text.intermediate_size + text.hidden_size + text.intermediate_size)
+    unet_parameters = 1077572  # demo.json "parameters"
+    encoder_parameters = 3367104
+    expected = unet_parameters * 2 + ffn * 4 + (encoder_parameters - ffn) * 2
+    assert expected <= at_peak["weights"] <= expected + 400 * BLOCK
+    # Adam: two fp32 moments of each trained weight, and a step count each
+    assert 2 * ffn * 4 <= at_peak["optimizer"] <= 2 * ffn * 4 + 3 * 4 * text.num_hidden_layers * BLOCK
+    assert at_peak["gradients"] <= ffn * 4  # stepped in backward: never all of them at once
+
+
+def test_the_demo_estimate_counts_the_flops_of_every_kind_of_step(demo_estimate):
+    flops = demo_estimate.flops
+    assert all(flops[name] > 0 for name in ("encode", "report", "first_step", "step", "check", "floor"))
+    assert flops["step"] > flops["floor"]  # the encoder's forward and backward, and the retain term's rows
+    assert demo_estimate.overhead == pytest.approx((flops["step"] + flops["check"] / 4) / flops["floor"])
+
+
+def test_memory_prints_peak_and_predictions_as_json():
+    result = run_cli("memory", "--family", "sd1", "--resolution", "64", "--json")
+    assert result.exit_code == 0, result.output
+    (estimate,) = json.loads(result.stdout)["estimates"]
+    assert estimate["family"] == "sd1" and estimate["resolution"] == 64
+    # SD 1.5's UNet alone is 859.5 M parameters: 1.6 GiB in bf16
+    assert 1.6 < estimate["at_peak_gib"]["weights"] < 2.2
+    assert set(estimate["predicted_seconds"]) == {"H100 SXM", "RTX 4090", "RTX 3060"}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--family", "sd3"], "unknown family 'sd3'"),
+    (["--resolution", "500"], "--resolution must be a multiple of 64"),
+    (["--preset", "fast"], "unknown preset 'fast'"),
+    (["--dtype", "int8"], "--dtype must be bfloat16, float16 or float32"),
+])
+def test_memory_refuses_bad_requests_in_one_line(args, message):
+    result = run_cli("memory", *args)
+    assert result.exit_code == 2
+    assert message in result.output and len(result.output.strip().splitlines()) == 1
