@@ -14,6 +14,7 @@ from .compare import compare_command
 from .erase import erase_command
 from .export import export_command
 from .inspect import inspect_command
+from .memory import memory_command
 
 
 class Commands(click.Group):
@@ -54,3 +55,4 @@ main.add_command(apply_command)
 main.add_command(export_command)
 main.add_command(inspect_command)
 main.add_command(batch_command)
+main.add_command(memory_command)
