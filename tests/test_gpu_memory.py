@@ -84,3 +84,25 @@ def test_memory_refuses_bad_requests_in_one_line(args, message):
     result = run_cli("memory", *args)
     assert result.exit_code == 2
     assert message in result.output and len(result.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_an_erase_in_half_precision_writes_the_frozen_weights_unchanged(tiny_model, pictures, tmp_path, family):
+    """On a GPU the loop holds the encoders' frozen parts in the compute dtype; what it writes is still the
+    original's exact weights beside the erased feed-forward ones (here bf16 on the CPU takes the same path)."""
+    from helpers import erased_tensors
+
+    from fewshot_erase import erase
+    from fewshot_erase.keys import canonical_clip_key
+
+    tiny = tiny_model(family)
+    result = erase("tiny robot", [pictures], tmp_path / "out", model=str(tiny.folder), steps=2, lr=1e-3,
+                   dtype="bfloat16", device="cpu")
+    written = erased_tensors(result.output, family)
+    for encoder, tensors in written.items():
+        original = {canonical_clip_key(k): v for k, v in getattr(tiny.pipe, encoder).state_dict().items()}
+        trained = set(result.record["trained_tensors"][encoder])
+        assert any(not torch.equal(tensors[name], original[name]) for name in trained)
+        for name, tensor in tensors.items():
+            if name not in trained:
+                assert tensor.dtype == torch.float32 and torch.equal(tensor, original[name].float()), name
