@@ -207,9 +207,12 @@ class Estimate:
 
 
 def estimate(family_name: str, resolution: int | None = None, preset: str = "default", low_memory: bool = False,
-             dtype: str = "bfloat16", folder=None) -> Estimate:
+             dtype: str = "bfloat16", folder=None, fake: bool = True) -> Estimate:
     """One erase of PICTURES pictures on fake tensors, through the same functions `api.erase_concepts` calls;
-    `folder`: another pipeline folder's configs (the demo's) instead of the family's packaged ones."""
+    `folder`: another pipeline folder's configs (the demo's) instead of the family's packaged ones. `fake=False`
+    runs it on real tensors of random weights instead, to check the accounting against real allocations."""
+    from contextlib import nullcontext
+
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from . import effects, families, unlearning
@@ -226,7 +229,7 @@ def estimate(family_name: str, resolution: int | None = None, preset: str = "def
     family = families.FAMILIES[family_name]
     compute = getattr(torch, dtype)
     watched = () if preset == "published" else tuple(COMMON_CONCEPTS[:WATCHED])
-    with FakeTensorMode(allow_non_fake_inputs=True):
+    with FakeTensorMode(allow_non_fake_inputs=True) if fake else nullcontext():
         pipeline = fake_pipeline(family, compute, folder)
         parts = PipelineParts(pipeline, family, ModelSource("estimate", family_name, None), torch.device("cpu"),
                              compute, host="meta")
@@ -246,6 +249,8 @@ def estimate(family_name: str, resolution: int | None = None, preset: str = "def
             mark("encode")
             encode_peak = memory.peak
             memory.release(pipeline.vae)  # the erase moves the VAE to the host once the pictures are encoded
+            if not fake:
+                pipeline.vae.to("meta")  # and here it leaves this device too
             memory.peak = 0
             targets = [unlearning.Target("the concept", latents, PICTURES, default_templates(False))]
             before = effects.snapshot(parts, targets, watched, settings)
