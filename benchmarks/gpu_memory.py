@@ -43,13 +43,15 @@ def main() -> None:
     parser.add_argument("--family", default="sd1")
     parser.add_argument("--resolution", type=int)
     parser.add_argument("--preset", default="preserve")
+    parser.add_argument("--low-memory", action="store_true")
     args = parser.parse_args()
-    options = dict(resolution=args.resolution, preset=args.preset, dtype="float32",
+    options = dict(resolution=args.resolution, preset=args.preset, low_memory=args.low_memory, dtype="float32",
                    folder=DEMO_DIR if args.demo else None)
     estimated = estimate(args.family, **options)
     measured, real = profiled_peak(lambda: estimate(args.family, fake=False, **options))
     print(json.dumps({
         "model": "demo" if args.demo else args.family, "resolution": estimated.resolution, "preset": args.preset,
+        "low_memory": args.low_memory,
         "estimated_peak_gib": estimated.peak / GIB, "estimated_at_peak_gib": {k: v / GIB for k, v in estimated.at_peak.items()},
         "tracker_on_real_tensors_gib": real.peak / GIB, "profiler_measured_peak_gib": measured / GIB,
         "estimate_over_measured": estimated.peak / measured,
