@@ -149,7 +149,8 @@ def erase_concepts(
         timings["import"] = time.perf_counter() - clock
         clock = time.perf_counter()
         parts = (kept.load if kept else load_pipeline_parts)(source, device=run_settings.device, dtype=run_settings.dtype,
-                                                             config=config, allow_pickle=allow_pickle)
+                                                             config=config, allow_pickle=allow_pickle,
+                                                             unet_on_host=run_settings.low_memory)
     timings["load"] = time.perf_counter() - clock
     run_settings = run_settings.replace(resolution=run_settings.resolution or parts.resolution)
     templates = {spec.concept: tuple(run_settings.templates or prompts.default_templates(spec.style or run_settings.style))
@@ -179,6 +180,7 @@ def erase_concepts(
             advance()
     if parts.device.type != "cpu":
         parts.pipeline.vae.to("cpu")  # not needed again: its GPU memory goes to the loop (docs/gpu-memory.md)
+        parts.pipeline.unet.to(parts.device)  # with --low-memory it waited on the host until now
     timings["encode"] = time.perf_counter() - clock
 
     clock = time.perf_counter()

@@ -265,7 +265,9 @@ def pickle_to_safetensors(path: Path, workdir: Path) -> Path:
 
 
 def load_pipeline_parts(source: ModelSource, *, device: str = "auto", dtype: str = "auto", config: str | None = None,
-                        allow_pickle: bool = False) -> PipelineParts:
+                        allow_pickle: bool = False, unet_on_host: bool = False) -> PipelineParts:
+    """`unet_on_host`: leave the UNet on the host, for an erase to move it once the pictures are encoded (--low-memory:
+    the VAE's activations and the UNet's weights are never on the GPU together)."""
     import torch
 
     torch_device = resolve_device(device)
@@ -290,7 +292,9 @@ def load_pipeline_parts(source: ModelSource, *, device: str = "auto", dtype: str
     # Trainable weights stay in fp32 whatever the frozen parts compute in.
     for name in family.encoders:
         getattr(pipeline, name).to(dtype=torch.float32)
-    pipeline.to(torch_device)
+    for name, component in pipeline.components.items():
+        if isinstance(component, torch.nn.Module) and not (unet_on_host and name == "unet"):
+            component.to(torch_device)
     return PipelineParts(pipeline=pipeline, family=family, source=source, device=torch_device, dtype=torch_dtype)
 
 
@@ -315,4 +319,6 @@ class KeptModel:
             self.parts.text_encoder(name).load_state_dict(state)
         if self.parts.pipeline.unet.is_gradient_checkpointing:  # a --low-memory job before this one
             self.parts.pipeline.unet.disable_gradient_checkpointing()
+        if options.get("unet_on_host"):
+            self.parts.pipeline.unet.to("cpu")
         return self.parts

@@ -35,10 +35,44 @@ def stepping_in_backward(trained: dict, settings: EraseSettings, device):
 
 
 @contextmanager
+def stepping_on_host(trained: dict, settings: EraseSettings, dtype, host):
+    """--low-memory: each trained weight's fp32 value and its Adam state wait on the `host`; the GPU holds a copy in
+    the compute dtype, which the forward uses. Each backward hands a weight's gradient to the host as soon as it is
+    complete, the host takes the Adam step in fp32, and the copy is refreshed; afterwards the weights are the fp32
+    values again. The update is fp32 Adam's; the forward sees the weights rounded to `dtype` (on the CPU, in fp32,
+    nothing is rounded and the weights are the same bytes as `stepping_in_backward`'s)."""
+    parameters = [p for group in trained.values() for p in group.values()]
+    masters = {p: p.detach().to(host, copy=True) for p in parameters}
+    optimizers = {p: torch.optim.Adam([master], lr=settings.lr, betas=settings.betas, eps=settings.eps,
+                                      weight_decay=settings.weight_decay, fused=torch.device(host).type == "cpu")
+                  for p, master in masters.items()}
+    for parameter in parameters:
+        parameter.data = parameter.data.to(dtype)
+
+    def step(parameter):
+        master = masters[parameter]
+        master.grad = parameter.grad.to(host, torch.float32)
+        parameter.grad = None
+        optimizers[parameter].step()
+        master.grad = None
+        parameter.data.copy_(master)
+
+    hooks = [p.register_post_accumulate_grad_hook(step) for p in parameters]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for parameter, master in masters.items():
+            parameter.data = master.to(parameter.device)
+
+
+@contextmanager
 def frozen_parts_in(encoders, dtype, host):
     """The trained encoders' frozen weights in the compute dtype for the loop (half their memory and their
     activations' in bf16); a module holding trained weights stays fp32, its inputs cast up and its output cast back
-    down. The exact frozen weights wait on the `host` and come back afterwards, for the report and the save."""
+    down (under `stepping_on_host` the trained weights are in the compute dtype too, and nothing is cast). The exact
+    frozen weights wait on the `host` and come back afterwards, for the report and the save."""
     if dtype == torch.float32:
         yield
         return
@@ -46,7 +80,7 @@ def frozen_parts_in(encoders, dtype, host):
     for encoder in encoders:
         for module in encoder.modules():
             own = list(module.parameters(recurse=False))
-            if any(p.requires_grad for p in own):
+            if any(p.requires_grad and p.dtype == torch.float32 for p in own):
                 hooks.append(module.register_forward_pre_hook(lambda module, args: tuple(
                     a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)))
                 hooks.append(module.register_forward_hook(lambda module, args, out: out.to(dtype)))

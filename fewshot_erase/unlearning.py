@@ -27,7 +27,7 @@ from .denoising import noised, training_scheduler
 from .effects import Snapshot
 from .errors import RunFailure
 from .prompts import fill
-from .placement import frozen_parts_in, stepping_in_backward
+from .placement import frozen_parts_in, stepping_in_backward, stepping_on_host
 from .settings import EraseSettings
 
 
@@ -273,7 +273,9 @@ def run(parts, targets: list[Target], settings: EraseSettings, before: Snapshot,
     held: dict[str, list[str]] = {}  # with --until: concept found done -> its captions, held where they were then
     repairing = False  # with --until: every concept is done, but a kept one has drifted past the bound
     encoders = [parts.text_encoder(name) for name in family.encoders]
-    with stepping_in_backward(trained, settings, parts.device), frozen_parts_in(encoders, dtype, parts.host):
+    stepping = (stepping_on_host(trained, settings, dtype, parts.host) if settings.low_memory
+                else stepping_in_backward(trained, settings, parts.device))
+    with stepping, frozen_parts_in(encoders, dtype, parts.host):
         for step in range(steps):
             if repairing:
                 trajectory.append(repair_step(loop, next(retained) if retained else [], held_rows(held, step)))

@@ -106,3 +106,20 @@ def test_an_erase_in_half_precision_writes_the_frozen_weights_unchanged(tiny_mod
         for name, tensor in tensors.items():
             if name not in trained:
                 assert tensor.dtype == torch.float32 and torch.equal(tensor, original[name].float()), name
+
+
+def test_low_memory_writes_the_same_weights_on_the_cpu(tiny_model, pictures, tmp_path):
+    """--low-memory keeps the trained weights' fp32 values and Adam on the host and recomputes the UNet's
+    activations; on the CPU, in fp32, that is the same computation: the same bytes."""
+    from helpers import erased_tensors
+
+    from fewshot_erase import erase
+
+    tiny = tiny_model("sdxl")
+    options = dict(model=str(tiny.folder), steps=3, lr=1e-3, device="cpu")
+    plain = erase("tiny robot", [pictures], tmp_path / "plain", **options)
+    low = erase("tiny robot", [pictures], tmp_path / "low", low_memory=True, **options)
+    assert low.record["settings"]["low_memory"]
+    for encoder, tensors in erased_tensors(plain.output, "sdxl").items():
+        other = erased_tensors(low.output, "sdxl")[encoder]
+        assert all(torch.equal(tensor, other[name]) for name, tensor in tensors.items())
