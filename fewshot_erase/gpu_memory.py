@@ -246,7 +246,7 @@ def estimate(family_name: str, resolution: int | None = None, preset: str = "def
     with FakeTensorMode(allow_non_fake_inputs=True) if fake else nullcontext():
         pipeline = fake_pipeline(family, compute, folder)
         parts = PipelineParts(pipeline, family, ModelSource("estimate", family_name, None), torch.device("cpu"),
-                             compute, host="meta")
+                             compute, host="meta" if fake else "cpu")  # real tensors have no second device here
         options = {**PRESETS[preset], **({"preserve": watched} if PRESETS[preset].get("preserve_weight") else {})}
         settings = EraseSettings(concept="the concept", resolution=resolution or parts.resolution, steps=STEPS,
                                  low_memory=low_memory, **options)
