@@ -20,6 +20,7 @@ from .errors import BadInput, EraseWarning, RunFailure, python_terms
 from .models import (PICKLE_SUFFIXES, KeptModel, import_libraries, load_pipeline_parts, resolve_device,
                      resolve_model)
 from .base import base_identity
+from .placement import encoders_held
 from .record import RECORD_FORMAT, library_versions
 from .settings import EraseSettings, with_implied
 from .writers.atomic import check_target, staged_folder
@@ -180,28 +181,14 @@ def erase_concepts(
             advance()
     if parts.device.type != "cpu":
         parts.pipeline.vae.to("cpu")  # not needed again: its GPU memory goes to the loop (docs/gpu-memory.md)
-        parts.pipeline.unet.to(parts.device)  # with --low-memory it waited on the host until now
     timings["encode"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
     base_hashes, base_fingerprints = base_identity(parts, run_settings)
     timings["identity"] = time.perf_counter() - clock
-    clock = time.perf_counter()
-    with out_of_memory_explained(run_settings):
-        before = effects.snapshot(parts, targets, watched, run_settings)
-    timings["report"] = time.perf_counter() - clock
-    steps = run_settings.steps or sum(run_settings.step_count(t.image_count) for t in targets)
-    clock = time.perf_counter()
-    with progress.phase("erasing", total=steps) as advance, out_of_memory_explained(run_settings):
-        result = method.run(parts, targets, run_settings, before, on_step=lambda step, loss: advance(loss=loss))
-        if result.stopped_early:
-            advance(0, note="stopped early: every concept done")
-    timings["train"] = time.perf_counter() - clock
-    clock = time.perf_counter()
-    with progress.phase("measuring the effect"), out_of_memory_explained(run_settings):
-        after = effects.snapshot(parts, targets, watched, run_settings, before.empty, before.blank)
-        effect = effects.report(before, after, targets, result.trajectory)
-    timings["report"] += time.perf_counter() - clock
+    with encoders_held(parts, run_settings.low_memory):
+        parts.pipeline.unet.to(parts.device)  # with --low-memory it waited on the host, until the encoders shrank
+        before, result, effect = _erase_between_snapshots(parts, targets, watched, run_settings, progress, timings)
 
     all_images = [item for pictures in loaded for item in pictures]
     record = {
@@ -250,6 +237,30 @@ def erase_concepts(
             _rewrite_timings(staging, record)
             advance()
     return EraseResult(output=target, record=record)
+
+
+def _erase_between_snapshots(parts, targets, watched, run_settings, progress, timings):
+    """The report's snapshot before, the loop, the snapshot after: what the erase did, measured by one encoder."""
+    from . import effects
+    from . import unlearning as method
+
+    clock = time.perf_counter()
+    with out_of_memory_explained(run_settings):
+        before = effects.snapshot(parts, targets, watched, run_settings)
+    timings["report"] = time.perf_counter() - clock
+    steps = run_settings.steps or sum(run_settings.step_count(t.image_count) for t in targets)
+    clock = time.perf_counter()
+    with progress.phase("erasing", total=steps) as advance, out_of_memory_explained(run_settings):
+        result = method.run(parts, targets, run_settings, before, on_step=lambda step, loss: advance(loss=loss))
+        if result.stopped_early:
+            advance(0, note="stopped early: every concept done")
+    timings["train"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    with progress.phase("measuring the effect"), out_of_memory_explained(run_settings):
+        after = effects.snapshot(parts, targets, watched, run_settings, before.empty, before.blank)
+        effect = effects.report(before, after, targets, result.trajectory)
+    timings["report"] += time.perf_counter() - clock
+    return before, result, effect
 
 
 def check_output_is_a_folder(output: Path) -> None:

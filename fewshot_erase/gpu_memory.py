@@ -114,10 +114,13 @@ class PeakMemory(TorchDispatchMode):
 class Card:
     name: str
     memory_gib: float
-    tflops: float  # dense fp16/bf16 tensor throughput with fp32 accumulation, from the vendor's specification
+    tflops: float  # dense fp16/bf16 tensor throughput with fp32 accumulation
 
 
-CARDS = (Card("H100 SXM", 80, 989.4), Card("RTX 4090", 24, 165.2), Card("RTX 3060", 12, 25.4))
+# H100: NVIDIA's datasheet (BF16, dense); RTX 4090: the Ada whitepaper (FP16, FP32 accumulate, dense); RTX 3060 and
+# RTX 4060: their generation's whitepaper rate per SM and clock times their SMs and boost clock.
+CARDS = (Card("H100 SXM", 80, 989.4), Card("RTX 4090", 24, 165.2), Card("RTX 3060", 12, 25.4),
+         Card("RTX 4060", 8, 30.2))
 UTILISATION = 0.4  # the share of that peak a predicted time assumes: a guess until a GPU run measures it
 
 
@@ -196,7 +199,8 @@ class Estimate:
     peak: int  # bytes
     at_peak: dict  # kind -> bytes at that moment
     encode_peak: int  # bytes, while the pictures are encoded (the VAE on the GPU)
-    flops: dict  # "encode", "report", "step", "first_step", "check", "floor": FLOPs of each
+    flops: dict  # "encode", "report" (before), "report_after", "first_step" (with the loop's set-up), "step",
+    # "check", "floor": FLOPs of each
     schedule: int  # steps of the published schedule for PICTURES pictures
     until_window: int
 
@@ -213,7 +217,7 @@ class Estimate:
     @property
     def total_flops(self) -> float:
         """The published schedule, the pictures' encoding and the report's two snapshots."""
-        return (self.flops["encode"] + 2 * self.flops["report"] + self.flops["first_step"]
+        return (self.flops["encode"] + self.flops["report"] + self.flops["report_after"] + self.flops["first_step"]
                 + (self.schedule - 1) * self.flops["step"] + self.flops["check"])
 
     def seconds_on(self, card: Card) -> float:
@@ -233,8 +237,8 @@ def estimate(family_name: str, resolution: int | None = None, preset: str = "def
     from .concepts import COMMON_CONCEPTS
     from .conditioning import conditioning
     from .denoising import noised, prediction_error
-    from .models import quiet_libraries
-    from .models import PipelineParts, ModelSource
+    from .models import ModelSource, PipelineParts, quiet_libraries
+    from .placement import encoders_held
     from .prompts import default_templates
     from .settings import EraseSettings
     from .writers.text_encoder import canonical_state
@@ -252,6 +256,10 @@ def estimate(family_name: str, resolution: int | None = None, preset: str = "def
                                  low_memory=low_memory, **options)
         window = settings.until_window
         trained = unlearning.prepare_encoders(parts, settings)
+        with torch.no_grad():  # the floor's conditioning: only its shape matters, and a gradient to flow into
+            floor_cond = conditioning(pipeline, family, ["the concept"] * settings.batch_size, settings.resolution,
+                                      compute)
+        floor_cond["encoder_hidden_states"].requires_grad_(True)
         flops: dict[str, float] = {}
         with PeakMemory([pipeline.unet, pipeline.vae, *(parts.text_encoder(n) for n in family.encoders)],
                         [p for group in trained.values() for p in group.values()]) as memory, Flops() as counter:
@@ -266,34 +274,34 @@ def estimate(family_name: str, resolution: int | None = None, preset: str = "def
             mark("encode")
             encode_peak = memory.peak
             memory.release(pipeline.vae)  # the erase moves the VAE to the host once the pictures are encoded
-            if low_memory:
-                memory.arrive(pipeline.unet)
             if not fake:
                 pipeline.vae.to("meta")  # and here it leaves this device too
             memory.peak = 0
             targets = [unlearning.Target("the concept", latents, PICTURES, default_templates(False))]
-            before = effects.snapshot(parts, targets, watched, settings)
-            mark("report")
-            steps = []
             encoders = [parts.text_encoder(name) for name in family.encoders]
+            steps = []
 
             def on_step(step, loss):
                 steps.append(counter.total)
                 memory.weights_recast(encoders)  # the loop holds their frozen parts in the compute dtype
 
-            unlearning.run(parts, targets, settings.replace(until_window=STEPS), before, on_step=on_step)
-            memory.weights_recast(encoders)  # and back in fp32 after it
-            mark("loop")
+            with encoders_held(parts, low_memory):
+                memory.weights_recast(encoders)
+                if low_memory:
+                    memory.arrive(pipeline.unet)  # once the encoders are held in the compute dtype
+                before = effects.snapshot(parts, targets, watched, settings)
+                mark("report")
+                unlearning.run(parts, targets, settings.replace(until_window=STEPS), before, on_step=on_step)
+                memory.weights_recast(encoders)  # and back in fp32 after it
+                mark("loop")
+                effects.snapshot(parts, targets, watched, settings, before.empty, before.blank)
+                mark("report_after")
             flops["first_step"] = steps[0] - flops["encode"] - flops["report"]
             flops["step"] = steps[1] - steps[0]
             flops["check"] = flops.pop("loop") - flops["first_step"] - flops["step"]
-            for encoder in encoders:
-                canonical_state(encoder)  # the save's copies go to the host, one tensor at a time
             peak, at_peak = memory.peak, dict(memory.at_peak)
-            with torch.no_grad():
-                floor_cond = conditioning(pipeline, family, [targets[0].caption(0)] * settings.batch_size,
-                                          settings.resolution, compute)
-            floor_cond["encoder_hidden_states"].requires_grad_(True)  # the gradient the method needs, and no more
+            for encoder in encoders:  # the save: copies to the host (here "meta" stands for it as a device), not counted
+                canonical_state(encoder)
             noisy, timesteps, goal = noised(latents[: settings.batch_size], unlearning.training_scheduler(pipeline),
                                             torch.Generator().manual_seed(0))
             start = counter.total

@@ -108,6 +108,7 @@ class PipelineParts:
     device: object
     dtype: object
     host: str = "cpu"  # where weights wait while off the GPU (the memory estimate's fake run says "meta")
+    held: dict = field(default_factory=dict)  # weight -> its fp32 value on the host, while --low-memory holds it
 
     @property
     def resolution(self) -> int:
@@ -316,7 +317,9 @@ class KeptModel:
             self.key, self.parts = key, parts
             return parts
         for name, state in self.originals.items():
-            self.parts.text_encoder(name).load_state_dict(state)
+            encoder = self.parts.text_encoder(name)
+            encoder.load_state_dict(state)
+            encoder.to(self.parts.device)  # a --low-memory erase leaves its encoders on the host
         if self.parts.pipeline.unet.is_gradient_checkpointing:  # a --low-memory job before this one
             self.parts.pipeline.unet.disable_gradient_checkpointing()
         if options.get("unet_on_host"):

@@ -35,14 +35,38 @@ def stepping_in_backward(trained: dict, settings: EraseSettings, device):
 
 
 @contextmanager
-def stepping_on_host(trained: dict, settings: EraseSettings, dtype, host):
+def encoders_held(parts, low_memory: bool):
+    """--low-memory on a GPU, around the report's two snapshots and the loop: the text encoders compute in the
+    compute dtype, their fp32 weights wait on the host (`parts.held`; the loop's Adam updates the trained ones
+    there), and afterwards those host copies are the encoders' weights, ready to be saved. Both snapshots see the
+    same encoder precision, and the fp32 encoders never share the GPU with the UNet."""
+    if not low_memory or parts.dtype == torch.float32:
+        yield
+        return
+    slots = [(module, key, parameter) for name in parts.family.encoders
+             for module in parts.text_encoder(name).modules()
+             for key, parameter in module._parameters.items() if parameter is not None]
+    parts.held = {parameter: parameter.detach().to(parts.host, copy=True) for _, _, parameter in slots}
+    for _, _, parameter in slots:
+        parameter.data = parameter.data.to(parts.dtype)
+    try:
+        yield
+    finally:
+        for module, key, parameter in slots:
+            module._parameters[key] = torch.nn.Parameter(parts.held[parameter], requires_grad=parameter.requires_grad)
+        parts.held = {}
+
+
+@contextmanager
+def stepping_on_host(trained: dict, settings: EraseSettings, dtype, host, held: dict):
     """--low-memory: each trained weight's fp32 value and its Adam state wait on the `host`; the GPU holds a copy in
     the compute dtype, which the forward uses. Each backward hands a weight's gradient to the host as soon as it is
     complete, the host takes the Adam step in fp32, and the copy is refreshed; afterwards the weights are the fp32
     values again. The update is fp32 Adam's; the forward sees the weights rounded to `dtype` (on the CPU, in fp32,
     nothing is rounded and the weights are the same bytes as `stepping_in_backward`'s)."""
     parameters = [p for group in trained.values() for p in group.values()]
-    masters = {p: p.detach().to(host, copy=True) for p in parameters}
+    # `held`: the fp32 values `encoders_held` keeps on the host, already rounded on the GPU
+    masters = {p: held[p] if p in held else p.detach().to(host, copy=True) for p in parameters}
     optimizers = {p: torch.optim.Adam([master], lr=settings.lr, betas=settings.betas, eps=settings.eps,
                                       weight_decay=settings.weight_decay, fused=torch.device(host).type == "cpu")
                   for p, master in masters.items()}
@@ -64,7 +88,8 @@ def stepping_on_host(trained: dict, settings: EraseSettings, dtype, host):
         for hook in hooks:
             hook.remove()
         for parameter, master in masters.items():
-            parameter.data = master.to(parameter.device)
+            if parameter not in held:
+                parameter.data = master.to(parameter.device)
 
 
 @contextmanager
@@ -86,8 +111,9 @@ def frozen_parts_in(encoders, dtype, host):
                 hooks.append(module.register_forward_hook(lambda module, args, out: out.to(dtype)))
             else:
                 for parameter in own:
-                    waiting[parameter] = parameter.detach().to(host, copy=True)
-                    parameter.data = parameter.data.to(dtype)
+                    if parameter.dtype != dtype:  # under `encoders_held` everything already is
+                        waiting[parameter] = parameter.detach().to(host, copy=True)
+                        parameter.data = parameter.data.to(dtype)
     try:
         yield
     finally:

@@ -273,7 +273,7 @@ def run(parts, targets: list[Target], settings: EraseSettings, before: Snapshot,
     held: dict[str, list[str]] = {}  # with --until: concept found done -> its captions, held where they were then
     repairing = False  # with --until: every concept is done, but a kept one has drifted past the bound
     encoders = [parts.text_encoder(name) for name in family.encoders]
-    stepping = (stepping_on_host(trained, settings, dtype, parts.host) if settings.low_memory
+    stepping = (stepping_on_host(trained, settings, dtype, parts.host, parts.held) if settings.low_memory
                 else stepping_in_backward(trained, settings, parts.device))
     with stepping, frozen_parts_in(encoders, dtype, parts.host):
         for step in range(steps):
