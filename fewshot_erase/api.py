@@ -74,10 +74,13 @@ def out_of_memory_explained(settings: EraseSettings):
     try:
         yield
     except torch.OutOfMemoryError:
-        raise RunFailure(
-            f"the GPU ran out of memory; pass --low-memory, a smaller --batch-size (now {settings.batch_size}) "
-            "or a smaller --resolution"
-        ) from None
+        raise RunFailure(out_of_memory_message(settings)) from None
+
+
+def out_of_memory_message(settings: EraseSettings) -> str:
+    ways = "a smaller" if settings.low_memory else "--low-memory, a smaller"
+    return (f"the GPU ran out of memory{' even with --low-memory' if settings.low_memory else ''}; pass {ways} "
+            f"--batch-size (now {settings.batch_size}) or a smaller --resolution (`fewshot-erase memory` estimates each)")
 
 
 def _warn_long_captions(pipeline, templates, concept) -> None:
@@ -186,9 +189,7 @@ def erase_concepts(
     clock = time.perf_counter()
     base_hashes, base_fingerprints = base_identity(parts, run_settings)
     timings["identity"] = time.perf_counter() - clock
-    with encoders_held(parts, run_settings.low_memory):
-        parts.pipeline.unet.to(parts.device)  # with --low-memory it waited on the host, until the encoders shrank
-        before, result, effect = _erase_between_snapshots(parts, targets, watched, run_settings, progress, timings)
+    run_settings, (before, result, effect) = _erase_fitting(parts, targets, watched, run_settings, progress, timings)
 
     all_images = [item for pictures in loaded for item in pictures]
     record = {
@@ -239,29 +240,60 @@ def erase_concepts(
     return EraseResult(output=target, record=record)
 
 
+def _erase_fitting(parts, targets, watched, run_settings, progress, timings):
+    """The erase between the report's snapshots; where the GPU runs out of memory for it, once more from the same
+    start with --low-memory (docs/gpu-memory.md), and the settings the erase ran with."""
+    import torch
+
+    start = {id(p): p.detach().to("cpu", copy=True) for p in _trained_weights(parts, run_settings)}
+    try:
+        with encoders_held(parts, run_settings.low_memory):
+            parts.pipeline.unet.to(parts.device)  # with --low-memory it waited on the host until the encoders shrank
+            return run_settings, _erase_between_snapshots(parts, targets, watched, run_settings, progress, timings)
+    except torch.OutOfMemoryError:
+        if run_settings.low_memory:
+            raise RunFailure(out_of_memory_message(run_settings)) from None
+    for parameter in _trained_weights(parts, run_settings):
+        parameter.data.copy_(start[id(parameter)])
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    low = run_settings.replace(low_memory=True)
+    with encoders_held(parts, True), out_of_memory_explained(low):
+        done = _erase_between_snapshots(parts, targets, watched, low, progress, timings)
+    # said once it has worked: a run that fails anyway ends on its one error line
+    warnings.warn("the GPU ran out of memory for the default erase, so it ran again with --low-memory from the start "
+                  "(slower; the same update, the forward in the compute dtype)", EraseWarning, stacklevel=3)
+    return low, done
+
+def _trained_weights(parts, settings) -> list:
+    from .keys import trained_encoders
+    from .unlearning import ffn_parameters
+
+    return [parameter for name in trained_encoders(parts.family, settings.encoder)
+            for parameter in ffn_parameters(parts.text_encoder(name), settings.train).values()]
+
+
 def _erase_between_snapshots(parts, targets, watched, run_settings, progress, timings):
     """The report's snapshot before, the loop, the snapshot after: what the erase did, measured by one encoder."""
     from . import effects
     from . import unlearning as method
 
     clock = time.perf_counter()
-    with out_of_memory_explained(run_settings):
-        before = effects.snapshot(parts, targets, watched, run_settings)
+    before = effects.snapshot(parts, targets, watched, run_settings)
     timings["report"] = time.perf_counter() - clock
     steps = run_settings.steps or sum(run_settings.step_count(t.image_count) for t in targets)
     clock = time.perf_counter()
-    with progress.phase("erasing", total=steps) as advance, out_of_memory_explained(run_settings):
+    with progress.phase("erasing", total=steps) as advance:
         result = method.run(parts, targets, run_settings, before, on_step=lambda step, loss: advance(loss=loss))
         if result.stopped_early:
             advance(0, note="stopped early: every concept done")
     timings["train"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    with progress.phase("measuring the effect"), out_of_memory_explained(run_settings):
+    with progress.phase("measuring the effect"):
         after = effects.snapshot(parts, targets, watched, run_settings, before.empty, before.blank)
         effect = effects.report(before, after, targets, result.trajectory)
     timings["report"] += time.perf_counter() - clock
     return before, result, effect
-
 
 def check_output_is_a_folder(output: Path) -> None:
     if output.suffix.lower() in (".safetensors",) + PICKLE_SUFFIXES:

@@ -529,7 +529,7 @@ def cuda_out_of_memory(ws):
     def out_of_memory(self, *args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
     ws.monkeypatch.setattr(UNet2DConditionModel, "forward", out_of_memory)
-    return Case(["tiny robot", ws.pictures()], ws.model(**RUN), exit_code=1, message="--low-memory, a smaller --batch-size")
+    return Case(["tiny robot", ws.pictures()], ws.model(**RUN), exit_code=1, message="ran out of memory even with --low-memory; pass a smaller --batch-size")
 
 
 SLOW_SAVE = """

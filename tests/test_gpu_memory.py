@@ -125,3 +125,44 @@ def test_low_memory_writes_the_same_weights_on_the_cpu(tiny_model, pictures, tmp
     for encoder, tensors in erased_tensors(plain.output, "sdxl").items():
         other = erased_tensors(low.output, "sdxl")[encoder]
         assert all(torch.equal(tensor, other[name]) for name, tensor in tensors.items())
+
+
+def test_an_erase_the_gpu_cannot_hold_runs_again_with_low_memory_from_the_same_start(tiny_model, pictures, tmp_path,
+                                                                                  monkeypatch):
+    """Out of GPU memory in the default erase: the same erase again with --low-memory, from the original weights,
+    with a warning; the result is the erase --low-memory gives (on the CPU, the default's bytes)."""
+    from helpers import erased_tensors
+
+    from fewshot_erase import erase, unlearning
+    from fewshot_erase.errors import EraseWarning
+
+    tiny = tiny_model("sd1")
+    options = dict(model=str(tiny.folder), steps=3, lr=1e-3, device="cpu")
+    plain = erase("tiny robot", [pictures], tmp_path / "plain", **options)
+    real_step = unlearning.erase_step
+
+    def runs_out_in_the_default(loop, *args, **kwargs):
+        if not loop.settings.low_memory and args[-1] == 2:  # the third step, after two have moved the weights
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_step(loop, *args, **kwargs)
+
+    monkeypatch.setattr(unlearning, "erase_step", runs_out_in_the_default)
+    with pytest.warns(EraseWarning, match="ran again with --low-memory"):
+        fallen_back = erase("tiny robot", [pictures], tmp_path / "fallen-back", **options)
+    assert fallen_back.record["settings"]["low_memory"] and fallen_back.record["steps"] == 3
+    first, second = erased_tensors(plain.output, "sd1"), erased_tensors(fallen_back.output, "sd1")
+    assert all(torch.equal(first["text_encoder"][name], tensor) for name, tensor in second["text_encoder"].items())
+
+
+def test_out_of_memory_even_with_low_memory_is_a_run_failure_naming_the_ways_out(tiny_model, pictures, tmp_path,
+                                                                                monkeypatch):
+    from fewshot_erase import erase, unlearning
+    from fewshot_erase.errors import RunFailure
+
+    def always_out(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(unlearning, "erase_step", always_out)
+    with pytest.raises(RunFailure, match="ran out of memory even with .low.memory.; pass a smaller .batch.size"):
+        erase("tiny robot", [pictures], tmp_path / "out", model=str(tiny_model("sd1").folder), steps=2, device="cpu")
+    assert not (tmp_path / "out").exists()
