@@ -155,8 +155,9 @@ def default_dtype(dtype):
 
 
 def fake_pipeline(family, dtype, folder=None):
-    """The family's full-size pipeline from the packaged configs (or `folder`'s), on fake tensors: the UNet and VAE
-    in the compute dtype, the text encoders in fp32, as `load_pipeline_parts` leaves them."""
+    """The family's full-size pipeline from the packaged configs (or `folder`'s), on fake tensors when built under
+    fake mode (random weights otherwise): the UNet and VAE in `dtype`, the text encoders in fp32, as
+    `load_pipeline_parts` leaves them."""
     import diffusers
     import transformers
 
@@ -225,12 +226,9 @@ class Estimate:
 
 
 def estimate(family_name: str, resolution: int | None = None, preset: str = "default", low_memory: bool = False,
-             dtype: str = "bfloat16", folder=None, fake: bool = True) -> Estimate:
+             dtype: str = "bfloat16", folder=None) -> Estimate:
     """One erase of PICTURES pictures on fake tensors, through the same functions `api.erase_concepts` calls;
-    `folder`: another pipeline folder's configs (the demo's) instead of the family's packaged ones. `fake=False`
-    runs it on real tensors of random weights instead, to check the accounting against real allocations."""
-    from contextlib import nullcontext
-
+    `folder`: another pipeline folder's configs (the demo's) instead of the family's packaged ones."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from . import effects, families, unlearning
@@ -247,10 +245,10 @@ def estimate(family_name: str, resolution: int | None = None, preset: str = "def
     family = families.FAMILIES[family_name]
     compute = getattr(torch, dtype)
     watched = () if preset == "published" else tuple(COMMON_CONCEPTS[:WATCHED])
-    with FakeTensorMode(allow_non_fake_inputs=True) if fake else nullcontext():
+    with FakeTensorMode(allow_non_fake_inputs=True):
         pipeline = fake_pipeline(family, compute, folder)
         parts = PipelineParts(pipeline, family, ModelSource("estimate", family_name, None), torch.device("cpu"),
-                             compute, host="meta" if fake else "cpu")  # real tensors have no second device here
+                             compute, host="meta")
         options = {**PRESETS[preset], **({"preserve": watched} if PRESETS[preset].get("preserve_weight") else {})}
         settings = EraseSettings(concept="the concept", resolution=resolution or parts.resolution, steps=STEPS,
                                  low_memory=low_memory, **options)
@@ -274,8 +272,6 @@ def estimate(family_name: str, resolution: int | None = None, preset: str = "def
             mark("encode")
             encode_peak = memory.peak
             memory.release(pipeline.vae)  # the erase moves the VAE to the host once the pictures are encoded
-            if not fake:
-                pipeline.vae.to("meta")  # and here it leaves this device too
             memory.peak = 0
             targets = [unlearning.Target("the concept", latents, PICTURES, default_templates(False))]
             encoders = [parts.text_encoder(name) for name in family.encoders]
