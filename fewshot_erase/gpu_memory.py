@@ -122,6 +122,7 @@ class Card:
 CARDS = (Card("H100 SXM", 80, 989.4), Card("RTX 4090", 24, 165.2), Card("RTX 3060", 12, 25.4),
          Card("RTX 4060", 8, 30.2))
 UTILISATION = 0.4  # the share of that peak a predicted time assumes: a guess until a GPU run measures it
+CONTEXT_GIB = 0.5  # what the CUDA context and libraries take beside torch's tensors: "fits" leaves room for it
 
 
 class Flops(TorchDispatchMode):
@@ -335,6 +336,7 @@ def report(result: Estimate) -> dict:
         "tflops": {name: value / 1e12 for name, value in result.flops.items()},
         "loop_over_floor": result.overhead, "published_schedule_steps": result.schedule,
         "predicted_seconds": {card.name: result.seconds_on(card) for card in CARDS},
-        "fits": {card.name: result.peak / gib <= card.memory_gib for card in CARDS},
+        "fits": {card.name: result.peak / gib + CONTEXT_GIB <= card.memory_gib for card in CARDS},
+        "context_gib_allowed": CONTEXT_GIB,
         "utilisation_assumed": UTILISATION,
     }

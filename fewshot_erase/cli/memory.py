@@ -35,7 +35,7 @@ def memory_command(family_names, resolution, preset, low_memory, dtype, as_json)
         mode = ", --low-memory" if result["low_memory"] else ""
         click.echo(f"{result['family']} at {result['resolution']} px ({result['preset']}{mode}, {result['dtype']}): "
                    f"peak {result['peak_gib']:.2f} GiB ({kinds}); while encoding {result['encode_peak_gib']:.2f} GiB")
-        click.echo(f"  fits: {fits}")
+        click.echo(f"  fits (with {result['context_gib_allowed']} GiB for the CUDA context): {fits}")
         click.echo(f"  a step {result['tflops']['step']:.2f} TFLOPs, {result['loop_over_floor']:.2f}x the bare UNet's; "
                    f"predicted for the {result['published_schedule_steps']}-step schedule "
                    f"(at {result['utilisation_assumed']:.0%} of peak): {times}")
