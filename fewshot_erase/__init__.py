@@ -9,6 +9,7 @@ Importing this package is cheap; torch and diffusers load when a function that n
 __version__ = "0.1.0"
 
 from .errors import BadInput, EraseError, EraseWarning, RunFailure  # noqa: E402
+from .audit import audit  # noqa: E402  eager and cheap (no torch): resolved lazily, the module would shadow it
 
 
 def __getattr__(name):
@@ -25,4 +26,4 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-__all__ = ["erase", "EraseResult", "EraseSettings", "Progress", "BadInput", "EraseError", "EraseWarning", "RunFailure"]
+__all__ = ["erase", "audit", "EraseResult", "EraseSettings", "Progress", "BadInput", "EraseError", "EraseWarning", "RunFailure"]

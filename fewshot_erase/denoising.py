@@ -15,10 +15,12 @@ def training_scheduler(pipeline):
     return DDPMScheduler.from_config(pipeline.scheduler.config)
 
 
-def noised(latents, scheduler, generator):
-    """Noisy latents at uniform random timesteps, and the scheduler's target (epsilon or v, from its config)."""
+def noised(latents, scheduler, generator, band: tuple[float, float] = (0.0, 1.0)):
+    """Noisy latents at uniform random timesteps (in `band`, a share of the schedule), and the scheduler's target
+    (epsilon or v, from its config)."""
+    total = scheduler.config.num_train_timesteps
     noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
-    steps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+    steps = torch.randint(int(band[0] * total), int(band[1] * total), (latents.shape[0],), generator=generator)
     steps = steps.to(latents.device)
     noisy = scheduler.add_noise(latents, noise, steps)
     if scheduler.config.prediction_type == "v_prediction":

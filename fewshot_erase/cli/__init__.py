@@ -9,6 +9,7 @@ import click
 
 from .. import __version__
 from .apply import apply_command
+from .audit import audit_command
 from .batch import batch_command
 from .compare import compare_command
 from .erase import erase_command
@@ -55,4 +56,5 @@ main.add_command(apply_command)
 main.add_command(export_command)
 main.add_command(inspect_command)
 main.add_command(batch_command)
+main.add_command(audit_command)
 main.add_command(memory_command)

@@ -1,0 +1,202 @@
+"""`fewshot-erase audit`: attacks on an erase output, scored on held-out pictures without a classifier and judged by
+the demo's; audit.json says everything; OUT's weights never change; bad input is refused in one line."""
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from helpers import REPO, run_cli
+
+from fewshot_erase import audit
+from fewshot_erase.attacks import demo_phrasings, prompt_battery
+from fewshot_erase.audit import ATTACKS, budgets, parse_budget, recovery, verdict
+from fewshot_erase.errors import BadInput
+from fewshot_erase.models import load_tokenizer
+
+SAMPLES = REPO / "sample_images"
+QUICK = ["--budget", "3", "--judge-images", "2"]  # every code path, a fraction of the default work
+
+
+@pytest.fixture(scope="module")
+def seven(tmp_path_factory) -> Path:
+    """A default demo erase of seven (the README's), from a copy of its sample pictures."""
+    from fewshot_erase import erase
+
+    root = tmp_path_factory.mktemp("audit")
+    shutil.copytree(SAMPLES / "seven", root / "seven")
+    erase("seven", [root / "seven"], root / "erased", device="cpu")
+    return root / "erased"
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def weights(folder: Path) -> dict[str, str]:
+    """Everything an erase wrote: what the audit must leave as it was."""
+    return {name: sha for name, sha in digest(folder).items() if name != "audit.json"}
+
+
+@pytest.fixture(scope="module")
+def audited(seven):
+    """One quick audit with every attack, through the CLI with --json: its result, and OUT before and after."""
+    before = weights(seven)
+    result = run_cli("audit", seven, *QUICK, "--json")
+    return result, before, weights(seven), json.loads((seven / "audit.json").read_text())
+
+
+def test_the_soft_prompt_brings_a_default_erase_back_and_the_judge_agrees(seven):
+    record = audit(seven, attacks=["soft"], seed=0).record
+    soft, plain = record["attacks"]["soft"], record["erased_captions"]
+    assert soft["recovery"] > 0.3 and soft["budget"] == 64  # the default budget, on held-out pictures
+    assert plain["original_judged_success"] >= 0.8 and plain["judged_success"] <= 0.2  # the erase worked ...
+    assert soft["judged_success"] >= plain["judged_success"] + 0.5  # ... and the judge sees the concept back
+    assert "the soft prompt brings back" in record["verdict"]
+
+
+def test_the_hard_prompt_is_printed_and_tokenizes_back_to_the_ids_found(seven):
+    result = run_cli("audit", seven, "--attack", "hard", "--budget", "8", "--judge-images", "1")
+    assert result.exit_code == 0, result.output
+    hard = json.loads((seven / "audit.json").read_text())["attacks"]["hard"]
+    assert load_tokenizer()(hard["prompt"], add_special_tokens=False).input_ids == hard["token_ids"]
+    assert len(hard["token_ids"]) == 3 and f"the hard prompt: {hard['prompt']!r}" in result.stdout
+
+
+def test_every_attack_runs_through_both_of_sdxls_text_encoders(erased):
+    tiny, output = erased("sdxl")
+    record = audit(output, budget=2, device="cpu").record
+    assert record["model"] == str(tiny.folder) and record["settings"]["judge_images"] is None  # no judge for it
+    assert {name: result["steps"] for name, result in record["attacks"].items()} == dict.fromkeys(ATTACKS, 2)
+    assert load_tokenizer()(record["attacks"]["hard"]["prompt"], add_special_tokens=False).input_ids == \
+        record["attacks"]["hard"]["token_ids"]
+
+
+def test_json_prints_the_audit_record_and_nothing_else(audited):
+    result, _, _, record = audited
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == record
+
+
+def test_audit_json_records_every_attack_its_budget_recovery_and_the_settings(audited, seven):
+    record = audited[3]
+    assert record["format"] == "fewshot-erase-audit/1" and record["concept"] == "seven" and record["model"] == "demo"
+    assert set(record["attacks"]) == set(ATTACKS)
+    for name, result in record["attacks"].items():
+        assert result["budget"] == 3 == record["settings"]["budgets"][name]
+        assert result["recovery"] is None or 0.0 <= result["recovery"] <= 1.0
+        assert {"loss", "steps", "seconds", "found", "judged_success"} <= set(result)
+    assert record["attacks"]["prompts"]["prompt"] and record["attacks"]["hard"]["token_ids"]
+    assert {"attacks", "budgets", "seed", "score_seed", "score_repeats", "soft_tokens", "fit_repeats", "judge_images",
+            "threads"} <= set(record["settings"])
+    assert set(record["losses"]) == {"empty", "original", "erased"} and record["verdict"]
+    pictures = record["pictures"]
+    assert pictures["used_by_the_erase"] and pictures["fitted"] and pictures["held_out"]
+    assert not set(pictures["fitted"]) & set(pictures["held_out"])  # never scored on what an attack fitted
+    assert sorted(pictures["fitted"] + pictures["held_out"]) == sorted(p.name for p in (seven.parent / "seven").iterdir())
+
+
+def test_the_audit_never_changes_the_erase_output(audited):
+    _, before, after, _ = audited
+    assert after == before and "model.safetensors" in after
+
+
+def test_other_pictures_are_used_with_a_warning(seven):
+    result = run_cli("audit", seven, SAMPLES / "one", "--attack", "prompts", *QUICK)
+    assert result.exit_code == 0, result.output
+    assert "warning: 6 of the 6 pictures are not ones the erase used" in result.stderr
+    assert not json.loads((seven / "audit.json").read_text())["pictures"]["used_by_the_erase"]
+
+
+def test_an_erase_of_several_concepts_is_audited_one_named_concept_at_a_time(tmp_path):
+    from fewshot_erase.api import erase_concepts
+    from fewshot_erase.concepts import ConceptSpec
+
+    output = tmp_path / "two-seven"
+    erase_concepts([ConceptSpec(d, (str(SAMPLES / d),)) for d in ("two", "seven")], output, device="cpu")
+    unnamed = run_cli("audit", output, *QUICK)
+    assert unnamed.exit_code == 2 and "removed 2 concepts (two, seven)" in unnamed.stderr
+    record = audit(output, concept="seven", attacks=["prompts"], budget=2, judge_images=1).record
+    assert record["concept"] == "seven" and record["pictures"]["used_by_the_erase"]
+    assert all(name.startswith("seven_") for name in record["pictures"]["fitted"] + record["pictures"]["held_out"])
+
+
+def copy_with_record(seven: Path, tmp_path: Path, change) -> Path:
+    """A copy of the erase output whose erase.json `change` rewrites (pictures moved, a model gone)."""
+    copy = tmp_path / "copy"
+    shutil.copytree(seven, copy)
+    record = json.loads((copy / "erase.json").read_text())
+    change(record, tmp_path)
+    (copy / "erase.json").write_text(json.dumps(record))
+    return copy
+
+
+def changed_picture(record, tmp_path):
+    shutil.copytree(Path(record["images_paths"][0]).parent, tmp_path / "pictures")
+    record["images_paths"] = [str(tmp_path / "pictures" / Path(p).name) for p in record["images_paths"]]
+    shutil.copy(SAMPLES / "one" / sorted(p.name for p in (SAMPLES / "one").iterdir() if p.suffix == ".png")[0],
+                record["images_paths"][2])
+
+
+def moved_pictures(record, tmp_path):
+    record["images_paths"] = [str(tmp_path / "gone" / Path(p).name) for p in record["images_paths"]]
+
+
+def model_gone(record, tmp_path):
+    record["base"].update(kind="folder", model=str(tmp_path / "models" / "sd15"))
+
+
+BAD = {
+    "not an erase output": (lambda seven, tmp: [tmp], "is not a fewshot-erase output"),
+    "a picture changed": (lambda seven, tmp: [copy_with_record(seven, tmp, changed_picture)], "has changed since the erase"),
+    "pictures moved": (lambda seven, tmp: [copy_with_record(seven, tmp, moved_pictures)], "pass them as IMAGES"),
+    "budget 0": (lambda seven, tmp: [seven, "--budget", "0"], "--budget must be at least 1, got 0"),
+    "budget negative": (lambda seven, tmp: [seven, "--budget", "-3"], "--budget must be at least 1, got -3"),
+    "an attack's budget negative": (lambda seven, tmp: [seven, "--budget", "soft=-5"], "at least 1, got -5 for soft"),
+    "budget not a count": (lambda seven, tmp: [seven, "--budget", "lots"], "is not a count"),
+    "budget of no attack": (lambda seven, tmp: [seven, "--budget", "jailbreak=3"], "unknown attack 'jailbreak'"),
+    "unknown attack": (lambda seven, tmp: [seven, "--attack", "jailbreak"], "unknown attack 'jailbreak'"),
+    "model gone": (lambda seven, tmp: [copy_with_record(seven, tmp, model_gone)], "pass --model"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input_is_one_line_exit_2_and_leaves_out_unchanged(seven, tmp_path, case):
+    make, message = BAD[case]
+    args = make(seven, tmp_path)
+    before = digest(Path(args[0]))
+    result = run_cli("audit", *args)
+    assert result.exit_code == 2, result.output
+    assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
+    assert result.stdout == "" and digest(Path(args[0])) == before
+
+
+def test_recovery_runs_from_the_empty_caption_to_the_original_and_is_clipped():
+    assert recovery(empty=1.0, original=0.5, attacked=0.75) == 0.5
+    assert recovery(1.0, 0.5, 1.2) == 0.0 and recovery(1.0, 0.5, 0.4) == 1.0
+    assert recovery(1.0, 1.0, 0.5) is None  # the captions never helped: nothing to recover
+
+
+def test_the_verdict_names_what_holds_and_what_brings_the_concept_back():
+    results = {"prompts": {"recovery": 0.0}, "soft": {"recovery": 0.64}, "inversion": {"recovery": 0.1}}
+    assert verdict(results) == "holds against rephrasing and textual inversion; the soft prompt brings back 64%"
+    assert verdict({"soft": {"recovery": 0.1}}) == "holds against every attack tried (at most 10% back, by the soft prompt)"
+    assert verdict({"soft": {"recovery": 0.9}, "hard": {"recovery": 0.3}}).startswith("does not hold: the soft prompt brings back 90%")
+
+
+def test_budgets_default_per_attack_and_are_checked():
+    assert budgets(("soft", "prompts"), None) == {"soft": 64, "prompts": 64}
+    assert budgets(("soft", "hard"), parse_budget(["7", "hard=9"])) == {"soft": 7, "hard": 9}
+    with pytest.raises(BadInput, match="at least 1"):
+        budgets(("soft",), -1)
+
+
+def test_the_prompt_battery_holds_the_users_then_the_erases_then_the_demos_phrasings():
+    shipped = demo_phrasings("seven")
+    assert "the numeral seven" in shipped and "the numeral 7" in shipped and "a handwritten 7" in shipped
+    battery = prompt_battery("seven", ["a photo of the digit {}"], ["{} as a numeral", "lucky number"], shipped)
+    assert battery[:3] == ("seven as a numeral", "lucky number", "a photo of the digit seven")
+    assert len(battery) == len(set(battery)) and "a rendering of a seven" in battery
+    assert not [p for p in demo_phrasings("Van Gogh") if "{" in p or "  " in p]
