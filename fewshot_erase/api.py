@@ -203,7 +203,7 @@ def erase_concepts(
         ],
         "style": run_settings.style,
         "images": [{"name": item.path.name, "sha256": item.sha256} for item in all_images],
-        "images_paths": [str(item.path) for item in all_images],
+        "images_paths": [str(item.path.absolute()) for item in all_images],  # an audit from elsewhere finds them
         "base": {
             "model": source.reference,
             "kind": source.kind,

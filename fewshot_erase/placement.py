@@ -11,27 +11,37 @@ import torch
 from .settings import EraseSettings
 
 
-@contextmanager
-def stepping_in_backward(trained: dict, settings: EraseSettings, device):
-    """One Adam a trained weight, stepped by a hook as soon as backward has accumulated that weight's gradient,
-    which is then freed: no gradient outlives its own update (on a GPU, the gradients never all exist at once), and
-    each update is the one a single Adam over all the weights would make."""
-    parameters = [p for group in trained.values() for p in group.values()]
+def adam(weight, settings: EraseSettings) -> torch.optim.Adam:
     # Fused: one kernel for the whole update of a weight instead of one per operation.
-    optimizers = {p: torch.optim.Adam([p], lr=settings.lr, betas=settings.betas, eps=settings.eps,
-                                      weight_decay=settings.weight_decay, fused=device.type in ("cpu", "cuda"))
-                  for p in parameters}
+    return torch.optim.Adam([weight], lr=settings.lr, betas=settings.betas, eps=settings.eps,
+                            weight_decay=settings.weight_decay, fused=weight.device.type in ("cpu", "cuda"))
 
-    def step(parameter):
-        optimizers[parameter].step()
-        parameter.grad = None
 
+@contextmanager
+def stepped_in_backward(parameters: list, step):
+    """`step(parameter)` runs as soon as backward has accumulated that parameter's gradient."""
     hooks = [p.register_post_accumulate_grad_hook(step) for p in parameters]
     try:
         yield
     finally:
         for hook in hooks:
             hook.remove()
+
+
+@contextmanager
+def stepping_in_backward(trained: dict, settings: EraseSettings):
+    """One Adam a trained weight, stepped as soon as backward has accumulated that weight's gradient, which is then
+    freed: no gradient outlives its own update (on a GPU, the gradients never all exist at once), and each update is
+    the one a single Adam over all the weights would make."""
+    parameters = [p for group in trained.values() for p in group.values()]
+    optimizers = {p: adam(p, settings) for p in parameters}
+
+    def step(parameter):
+        optimizers[parameter].step()
+        parameter.grad = None
+
+    with stepped_in_backward(parameters, step):
+        yield
 
 
 @contextmanager
@@ -67,9 +77,7 @@ def stepping_on_host(trained: dict, settings: EraseSettings, dtype, host, held: 
     parameters = [p for group in trained.values() for p in group.values()]
     # `held`: the fp32 values `encoders_held` keeps on the host, already rounded on the GPU
     masters = {p: held[p] if p in held else p.detach().to(host, copy=True) for p in parameters}
-    optimizers = {p: torch.optim.Adam([master], lr=settings.lr, betas=settings.betas, eps=settings.eps,
-                                      weight_decay=settings.weight_decay, fused=torch.device(host).type == "cpu")
-                  for p, master in masters.items()}
+    optimizers = {p: adam(master, settings) for p, master in masters.items()}
     for parameter in parameters:
         parameter.data = parameter.data.to(dtype)
 
@@ -81,12 +89,10 @@ def stepping_on_host(trained: dict, settings: EraseSettings, dtype, host, held: 
         master.grad = None
         parameter.data.copy_(master)
 
-    hooks = [p.register_post_accumulate_grad_hook(step) for p in parameters]
     try:
-        yield
+        with stepped_in_backward(parameters, step):
+            yield
     finally:
-        for hook in hooks:
-            hook.remove()
         for parameter, master in masters.items():
             if parameter not in held:
                 parameter.data = master.to(parameter.device)

@@ -274,7 +274,7 @@ def run(parts, targets: list[Target], settings: EraseSettings, before: Snapshot,
     repairing = False  # with --until: every concept is done, but a kept one has drifted past the bound
     encoders = [parts.text_encoder(name) for name in family.encoders]
     stepping = (stepping_on_host(trained, settings, dtype, parts.host, parts.held) if settings.low_memory
-                else stepping_in_backward(trained, settings, parts.device))
+                else stepping_in_backward(trained, settings))
     with stepping, frozen_parts_in(encoders, dtype, parts.host):
         for step in range(steps):
             if repairing:
