@@ -15,6 +15,7 @@ Importing this module is cheap (the package exports `audit`): torch loads once t
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 import time
 import warnings
@@ -179,9 +180,11 @@ def find_judge(source, concept: str):
     checkout = PACKAGE.parent
     if (checkout / "demo" / "judge.py").is_file() and str(checkout) not in sys.path:
         sys.path.append(str(checkout))
+    if importlib.util.find_spec("sklearn") is None:  # the judge fits itself with scikit-learn, a test extra
+        return None
     try:
         from demo.judge import judge
-    except ImportError:  # an installed package, or no scikit-learn: recovery stands alone
+    except ImportError:  # an installed package: recovery stands alone
         return None
     return judge, list(source.concepts).index(concept)
 

@@ -200,3 +200,15 @@ def test_the_prompt_battery_holds_the_users_then_the_erases_then_the_demos_phras
     assert battery[:3] == ("seven as a numeral", "lucky number", "a photo of the digit seven")
     assert len(battery) == len(set(battery)) and "a rendering of a seven" in battery
     assert not [p for p in demo_phrasings("Van Gogh") if "{" in p or "  " in p]
+
+
+def test_without_scikit_learn_the_audit_scores_recovery_alone(monkeypatch):
+    """A plain install has no scikit-learn (a test extra): the demo's judge is skipped, not a crash."""
+    import importlib.util
+
+    from fewshot_erase.audit import find_judge
+    from fewshot_erase.models import resolve_model
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sklearn" else real(name, *a))
+    assert find_judge(resolve_model(None), "seven") is None
