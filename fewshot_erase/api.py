@@ -171,7 +171,6 @@ def erase_concepts(
             run_settings = run_settings.replace(preserve=watched)
     timings["prepare"] = time.perf_counter() - clock
 
-    from . import effects
     from . import unlearning as method
 
     clock = time.perf_counter()
@@ -183,7 +182,7 @@ def erase_concepts(
             targets.append(method.Target(spec.concept, latents, len(pictures), templates[spec.concept], spec.anchor))
             advance()
     if parts.device.type != "cpu":
-        parts.pipeline.vae.to("cpu")  # not needed again: its GPU memory goes to the loop (docs/gpu-memory.md)
+        parts.pipeline.vae.to(parts.host)  # not needed again: its GPU memory goes to the loop (docs/gpu-memory.md)
     timings["encode"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -245,7 +244,10 @@ def _erase_fitting(parts, targets, watched, run_settings, progress, timings):
     start with --low-memory (docs/gpu-memory.md), and the settings the erase ran with."""
     import torch
 
-    start = {id(p): p.detach().to("cpu", copy=True) for p in _trained_weights(parts, run_settings)}
+    from .unlearning import prepare_encoders
+
+    trained = [p for group in prepare_encoders(parts, run_settings).values() for p in group.values()]
+    start = {} if run_settings.low_memory else {p: p.detach().to(parts.host, copy=True) for p in trained}
     try:
         with encoders_held(parts, run_settings.low_memory):
             parts.pipeline.unet.to(parts.device)  # with --low-memory it waited on the host until the encoders shrank
@@ -253,8 +255,8 @@ def _erase_fitting(parts, targets, watched, run_settings, progress, timings):
     except torch.OutOfMemoryError:
         if run_settings.low_memory:
             raise RunFailure(out_of_memory_message(run_settings)) from None
-    for parameter in _trained_weights(parts, run_settings):
-        parameter.data.copy_(start[id(parameter)])
+    for parameter, original in start.items():
+        parameter.data.copy_(original)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     low = run_settings.replace(low_memory=True)
@@ -264,13 +266,6 @@ def _erase_fitting(parts, targets, watched, run_settings, progress, timings):
     warnings.warn("the GPU ran out of memory for the default erase, so it ran again with --low-memory from the start "
                   "(slower; the same update, the forward in the compute dtype)", EraseWarning, stacklevel=3)
     return low, done
-
-def _trained_weights(parts, settings) -> list:
-    from .keys import trained_encoders
-    from .unlearning import ffn_parameters
-
-    return [parameter for name in trained_encoders(parts.family, settings.encoder)
-            for parameter in ffn_parameters(parts.text_encoder(name), settings.train).values()]
 
 
 def _erase_between_snapshots(parts, targets, watched, run_settings, progress, timings):
@@ -294,6 +289,7 @@ def _erase_between_snapshots(parts, targets, watched, run_settings, progress, ti
         effect = effects.report(before, after, targets, result.trajectory)
     timings["report"] += time.perf_counter() - clock
     return before, result, effect
+
 
 def check_output_is_a_folder(output: Path) -> None:
     if output.suffix.lower() in (".safetensors",) + PICKLE_SUFFIXES:

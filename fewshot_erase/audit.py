@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
+from .concepts import read_list_file
 from .errors import BadInput, EraseWarning, python_terms
 
 AUDIT_NAME = "audit.json"
@@ -73,15 +74,6 @@ def budgets(attacks: tuple[str, ...], budget: int | dict[str, int] | None) -> di
         if not isinstance(count, int) or count < 1:
             raise BadInput(f"--budget must be at least 1, got {count}" + (f" for {name}" if name != "*" else ""))
     return {name: given.get(name, given.get("*", DEFAULT_BUDGETS[name])) for name in attacks}
-
-
-def read_prompt_file(path: str | Path) -> tuple[str, ...]:
-    """One phrasing a line; blank lines and # comments skipped."""
-    try:
-        lines = Path(path).read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise BadInput(f"cannot read prompt file {path}: {getattr(error, 'strerror', None) or error}; check the path") from None
-    return tuple(line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#"))
 
 
 def concept_entry(record: dict, concept: str | None) -> tuple[int, dict]:
@@ -311,7 +303,7 @@ def audit(output: str | Path, images: Sequence[str | Path] | None = None, *, att
     output = Path(output)
     record = read_record(output)
     index, entry = concept_entry(record, concept)
-    user_prompts = tuple(prompts) + (read_prompt_file(prompt_file) if prompt_file else ())
+    user_prompts = tuple(prompts) + (read_list_file(prompt_file, "prompt file") if prompt_file else ())
     loaded = read_pictures(record, index, images)
     source = base_source(record, model)
     target = check_target(output / AUDIT_NAME, overwrite=True)

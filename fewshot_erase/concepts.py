@@ -104,12 +104,17 @@ def _manifest_entry(path: Path, number: int, entry) -> ConceptSpec:
     return ConceptSpec(entry["concept"], resolved, bool(entry.get("style", False)), entry.get("anchor"))
 
 
-def read_preserve_file(path: str | Path) -> tuple[str, ...]:
+def read_list_file(path: str | Path, what: str) -> tuple[str, ...]:
+    """One entry a line (a concept to keep, a phrasing to try); blank lines and # comments skipped."""
     try:
         lines = Path(path).read_text().splitlines()
-    except OSError as error:
-        raise BadInput(f"cannot read preserve file {path}: {error.strerror or error}; check the path") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise BadInput(f"cannot read {what} {path}: {getattr(error, 'strerror', None) or error}; check the path") from None
     return tuple(line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#"))
+
+
+def read_preserve_file(path: str | Path) -> tuple[str, ...]:
+    return read_list_file(path, "preserve file")
 
 
 def automatic_preserve(erased: list[str], candidates: tuple[str, ...]) -> tuple[str, ...]:
