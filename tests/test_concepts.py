@@ -224,3 +224,18 @@ def test_naming_concepts_to_keep_turns_the_retain_term_on(tiny_model, pictures, 
                             model=str(tiny_model("sd1").folder), steps=2, lr=1e-3, **options)
     assert result.record["settings"]["preserve_weight"] == weight
     assert all(("retain" in entry) == (weight > 0) for entry in result.record["trajectory"])
+
+
+def test_a_preserve_or_prompt_file_that_is_not_text_is_refused_in_one_line(tmp_path):
+    from fewshot_erase.concepts import read_list_file, read_preserve_file
+    from fewshot_erase.errors import BadInput
+
+    binary = tmp_path / "keep.txt"
+    binary.write_bytes(b"\xff\xfe\x00\x81 not utf-8")
+    for read in (read_preserve_file, lambda path: read_list_file(path, "prompt file")):
+        try:
+            read(binary)
+        except BadInput as error:
+            assert str(error).startswith("cannot read ") and "\n" not in str(error)
+        else:
+            raise AssertionError("a binary file was read as a list")
