@@ -17,6 +17,8 @@ from . import images as image_io
 from . import prompts
 from .concepts import COMMON_CONCEPTS, ConceptSpec, automatic_preserve, check_specs, nearest
 from .errors import BadInput, EraseWarning, RunFailure, python_terms
+from .families import FLUX
+from .keys import trained_encoders
 from .models import (PICKLE_SUFFIXES, KeptModel, import_libraries, load_pipeline_parts, resolve_device,
                      resolve_model)
 from .base import base_identity
@@ -156,6 +158,7 @@ def erase_concepts(
                                                              config=config, allow_pickle=allow_pickle,
                                                              unet_on_host=run_settings.low_memory)
     timings["load"] = time.perf_counter() - clock
+    check_family_settings(parts.family, run_settings)
     run_settings = run_settings.replace(resolution=run_settings.resolution or parts.resolution)
     templates = {spec.concept: tuple(run_settings.templates or prompts.default_templates(spec.style or run_settings.style))
                  for spec in specs}
@@ -178,7 +181,8 @@ def erase_concepts(
         targets = []
         for spec, pictures in zip(specs, loaded):
             pixels = image_io.to_pixels(pictures, run_settings.resolution, run_settings.flip)
-            latents = method.encode_images_once(parts.pipeline.vae, pixels, parts.device, parts.dtype)
+            latents = method.encode_images_once(parts.pipeline.vae, pixels, parts.device, parts.dtype,
+                                                packed=parts.family is FLUX)
             targets.append(method.Target(spec.concept, latents, len(pictures), templates[spec.concept], spec.anchor))
             advance()
     if parts.device.type != "cpu":
@@ -250,7 +254,7 @@ def _erase_fitting(parts, targets, watched, run_settings, progress, timings):
     start = {} if run_settings.low_memory else {p: p.detach().to(parts.host, copy=True) for p in trained}
     try:
         with encoders_held(parts, run_settings.low_memory):
-            parts.pipeline.unet.to(parts.device)  # with --low-memory it waited on the host until the encoders shrank
+            parts.denoiser.to(parts.device)  # with --low-memory it waited on the host until the encoders shrank
             return run_settings, _erase_between_snapshots(parts, targets, watched, run_settings, progress, timings)
     except torch.OutOfMemoryError:
         if run_settings.low_memory:
@@ -291,6 +295,16 @@ def _erase_between_snapshots(parts, targets, watched, run_settings, progress, ti
     return before, result, effect
 
 
+def check_family_settings(family, settings: EraseSettings) -> None:
+    """Choices that only some families have, refused where the model lacks them (before any work)."""
+    kinds = dict(zip(family.encoders, family.encoder_names))
+    chosen = [kinds[name] for name in trained_encoders(family, settings.encoder)]
+    if "t5" not in family.encoder_names and (settings.t5_layers is not None or settings.max_sequence_length is not None):
+        raise BadInput(f"--t5-layers and --max-sequence-length are T5's, and {family.label} has no T5; leave them out")
+    if settings.t5_layers is not None and "t5" not in chosen:
+        raise BadInput(f"--t5-layers names T5 blocks, but --encoder {settings.encoder} does not erase in T5; add t5 to --encoder or leave --t5-layers out")
+
+
 def check_output_is_a_folder(output: Path) -> None:
     if output.suffix.lower() in (".safetensors",) + PICKLE_SUFFIXES:
         raise BadInput(f"output {output} names a {output.suffix} file, but an erase writes a folder (the text encoder "
@@ -327,7 +341,9 @@ def concept_similarity(parts, erased: list[str], candidates: tuple[str, ...]) ->
     @torch.no_grad()
     def embed(words):
         ids, _ = token_ids(pipeline.tokenizer, [prompts.fill("a photo of a {}", w) for w in words])
-        pooled = pipeline.text_encoder(ids.to(parts.device)).pooler_output.float()
+        output = pipeline.text_encoder(ids.to(parts.device))  # CLIP-L in every family; SD 3.x's has a projection
+        pooled = getattr(output, "pooler_output", None)
+        pooled = (output.text_embeds if pooled is None else pooled).float()
         return torch.nn.functional.normalize(pooled, dim=-1)
 
     similarity = embed(list(candidates)) @ embed(erased).T

@@ -10,7 +10,7 @@ from pathlib import Path
 from . import families
 from .base import check_family, mismatches, refuse_other_base
 from .errors import BadInput, EraseWarning, python_terms
-from .model_files import model_files
+from .model_files import model_files, refuse_quantised
 from .patch import read_patch
 
 
@@ -53,6 +53,8 @@ def apply(patch, checkpoint, output, *, force: bool = False, overwrite: bool = F
         source = pickle_to_safetensors(checkpoint, Path(workdir)) if pickled else checkpoint
         family, files = model_files(source, str(checkpoint))
         check_family(loaded, family, str(checkpoint))
+        refuse_quantised(files, loaded.tensors, "a patch cannot be written into faithfully (its changes are smaller than that format's steps)",
+                         "apply to an fp16, bf16 or fp32 copy of the checkpoint, then quantise that if you need to")
         differing = mismatches(loaded, files, str(checkpoint))
         if not force:
             refuse_other_base(loaded, differing, str(checkpoint), "use that model, or pass --force to patch this one anyway")

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .conditioning import conditioning
+from .conditioning import conditioning, denoiser_of
 from .denoising import noised, prediction_error
 from .prompts import OBJECT_TEMPLATES, STYLE_TEMPLATES, fill
 
@@ -53,18 +53,23 @@ class Rows:
         return Rows(self.noisy[rows], self.timesteps[rows], self.goal[rows])
 
     def repeated(self, times: int) -> "Rows":
-        return Rows(self.noisy.repeat(times, 1, 1, 1), self.timesteps.repeat(times), self.goal.repeat(times, 1, 1, 1))
+        return Rows(repeated(self.noisy, times), self.timesteps.repeat(times), repeated(self.goal, times))
+
+
+def repeated(tensor: torch.Tensor, times: int) -> torch.Tensor:
+    """`times` copies along the batch, whatever the latents' layout (FLUX's are packed into tokens)."""
+    return tensor.repeat(times, *[1] * (tensor.ndim - 1))
 
 
 def fixed_rows(latents: torch.Tensor, repeats: int, scheduler, seed: int) -> Rows:
     """Each picture `repeats` times, each time with its own noise and timestep, drawn from `seed`."""
     generator = torch.Generator().manual_seed(seed)
-    return Rows(*noised(latents.repeat(repeats, 1, 1, 1), scheduler, generator))
+    return Rows(*noised(repeated(latents, repeats), scheduler, generator))
 
 
 def fitting_rows(latents: torch.Tensor, scheduler, generator: torch.Generator) -> Rows:
     """FIT_REPEATS noisy copies of each picture at timesteps in FIT_BAND of the schedule."""
-    return Rows(*noised(latents.repeat(FIT_REPEATS, 1, 1, 1), scheduler, generator, FIT_BAND))
+    return Rows(*noised(repeated(latents, FIT_REPEATS), scheduler, generator, FIT_BAND))
 
 
 @dataclass
@@ -81,12 +86,14 @@ class Setup:
     scheduler: object
     seed: int
     battery: tuple[str, ...]  # the prompts attack's phrasings
+    sequence_length: int | None = None  # SD 3.x / FLUX.1: T5's tokens per caption, as the erase used
 
     def errors(self, captions: tuple[str, ...], rows: Rows) -> torch.Tensor:
         """Each row's denoising loss conditioned on `captions` (row i on caption i modulo their count)."""
         per_row = [captions[i % len(captions)] for i in range(len(rows))]
-        cond = conditioning(self.pipeline, self.family, per_row, self.resolution, self.dtype)
-        return prediction_error(self.pipeline.unet, rows.noisy, rows.timesteps, rows.goal, cond, "none").flatten(1).mean(1)
+        cond = conditioning(self.pipeline, self.family, per_row, self.resolution, self.dtype,
+                            sequence_length=self.sequence_length)
+        return prediction_error(denoiser_of(self.pipeline), rows.noisy, rows.timesteps, rows.goal, cond, "none").flatten(1).mean(1)
 
     def loss(self, captions: tuple[str, ...], rows: Rows) -> torch.Tensor:
         return self.errors(captions, rows).mean()

@@ -222,6 +222,7 @@ def load_models(record: dict, output: Path, source, device: str, config: str | N
     """The base pipeline's parts, the same pipeline with the erased encoders, and the CPU threads used."""
     from .api import use_threads
     from .models import import_libraries, load_pipeline_parts
+    from .conditioning import denoiser_of
     from .outputs import check_same_base, load_erased_encoders
 
     import_libraries()
@@ -231,7 +232,7 @@ def load_models(record: dict, output: Path, source, device: str, config: str | N
     base = parts.pipeline
     erased = type(base)(**{**base.components, **load_erased_encoders(output, parts)})
     erased.set_progress_bar_config(disable=True)
-    for module in (base.unet, base.vae, *(getattr(p, n) for p in (base, erased) for n in parts.family.encoders)):
+    for module in (denoiser_of(base), base.vae, *(getattr(p, n) for p in (base, erased) for n in parts.family.encoders)):
         module.requires_grad_(False)  # only the attacks' embeddings learn
     return parts, erased, threads
 
@@ -240,15 +241,17 @@ def prepare(parts, erased, record: dict, entry: dict, loaded: list, battery: tup
     """Encode the pictures once: the attacks' setup on the fitted half, the scoring on the held-out half."""
     from .attacks import Setup, fixed_rows
     from .denoising import training_scheduler
+    from .families import FLUX
     from .images import to_pixels
     from .unlearning import encode_images_once
 
     resolution = record["settings"].get("resolution") or parts.resolution
-    latents = encode_images_once(parts.pipeline.vae, to_pixels(loaded, resolution, False), parts.device, parts.dtype)
+    latents = encode_images_once(parts.pipeline.vae, to_pixels(loaded, resolution, False), parts.device, parts.dtype,
+                                 packed=parts.family is FLUX)
     fitted, held_out = split(len(loaded))
     scheduler = training_scheduler(parts.pipeline)
     setup = Setup(erased, parts.family, resolution, parts.dtype, entry["concept"], tuple(entry["templates"]),
-                  latents[fitted], scheduler, seed, battery)
+                  latents[fitted], scheduler, seed, battery, record["settings"].get("max_sequence_length"))
     return Scoring(setup, replace(setup, pipeline=parts.pipeline),
                    fixed_rows(latents[held_out], SCORE_REPEATS, scheduler, SCORE_SEED))
 

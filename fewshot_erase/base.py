@@ -8,7 +8,7 @@ from __future__ import annotations
 from . import checkpoint_layouts as layouts
 from . import families, safetensors_file
 from .errors import BadInput
-from .keys import is_trained, trained_encoders
+from .keys import encoder_kind, is_trained, trained_blocks, trained_encoders
 from .model_files import WeightFile, model_files
 from .patch import Patch
 from .record import tensors_sha256
@@ -39,7 +39,8 @@ def base_identity(parts, settings: EraseSettings) -> tuple[dict, dict]:
         hashes[name] = {"sha256": tensors_sha256(state)}
         if name in trained_encoders(parts.family, settings.encoder):
             layers = encoder.config.num_hidden_layers
-            prints[name] = fingerprints({key: t for key, t in state.items() if is_trained(key, settings.train, layers)})
+            blocks = trained_blocks(encoder_kind(encoder), settings.t5_layers)
+            prints[name] = fingerprints({key: t for key, t in state.items() if is_trained(key, settings.train, layers, blocks)})
     return hashes, prints
 
 

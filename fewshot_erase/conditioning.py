@@ -1,4 +1,4 @@
-"""The UNet's conditioning exactly as each pipeline builds it when generating, and the original encoder's, frozen.
+"""The denoiser's conditioning exactly as each pipeline builds it when generating, and the original encoder's, frozen.
 
 Both terms of an erase read these: the objective conditions the UNet on the patched encoder's captions, the retain
 term compares kept captions against their original conditioning.
@@ -10,17 +10,45 @@ import weakref
 
 import torch
 
-from .families import SDXL
+from .families import FLUX, SD3, SDXL
+
+# Keys of a conditioning that are the same for every row (FLUX's position ids): never sliced, never compared.
+SHARED = ("txt_ids", "img_ids")
+# The pipelines' own default T5 length, where `encode_prompt` has one (what `max_sequence_length` defaults to).
+SEQUENCE_LENGTH = {"sd3": 256, "flux": 512}
 
 
-def conditioning(pipeline, family, captions: list[str], resolution: int, dtype, device=None) -> dict:
-    """The UNet's conditioning for `captions`, with gradients kept.
+def denoiser_of(pipeline):
+    return getattr(pipeline, "unet", None) or pipeline.transformer
+
+
+def conditioning(pipeline, family, captions: list[str], resolution: int, dtype, device=None,
+                 sequence_length: int | None = None) -> dict:
+    """The denoiser's conditioning for `captions`, with gradients kept.
 
     SD 1.x takes the last hidden state; SD 2.x in diffusers form already ends at the original's penultimate layer
     (both as the pipeline's `encode_prompt` computes them); SDXL, through the pipeline's own `encode_prompt`,
     concatenates the penultimate hidden states of both encoders and adds the second's pooled output and the
-    size/crop time ids."""
-    device = device or pipeline.unet.device  # the loop passes it: asking diffusers costs a walk of the UNet
+    size/crop time ids. SD 3.x and FLUX.1 through theirs too: SD 3.x's CLIP tokens padded to T5's width before T5's
+    `sequence_length` tokens, both CLIPs' pooled outputs; FLUX.1's T5 tokens, CLIP-L's pooled output, the position
+    ids of text and image and, where the model has one, the guidance value its training scripts feed."""
+    device = device or denoiser_of(pipeline).device  # the loop passes it: asking diffusers costs a walk of the model
+    if family is SD3 or family is FLUX:
+        length = sequence_length or SEQUENCE_LENGTH[family.name]
+        if family is SD3:
+            embeds, _, pooled, _ = pipeline.encode_prompt(
+                prompt=captions, prompt_2=None, prompt_3=None, device=device, num_images_per_prompt=1,
+                do_classifier_free_guidance=False, max_sequence_length=length)
+            return {"encoder_hidden_states": embeds.to(dtype), "pooled_projections": pooled.to(dtype)}
+        embeds, pooled, text_ids = pipeline.encode_prompt(prompt=captions, prompt_2=None, device=device,
+                                                          num_images_per_prompt=1, max_sequence_length=length)
+        latent = resolution // pipeline.vae_scale_factor // 2  # FLUX packs 2x2 latent patches into one token
+        cond = {"encoder_hidden_states": embeds.to(dtype), "pooled_projections": pooled.to(dtype),
+                "txt_ids": text_ids.to(dtype),
+                "img_ids": pipeline._prepare_latent_image_ids(1, latent, latent, device, dtype)}
+        if pipeline.transformer.config.guidance_embeds:
+            cond["guidance"] = torch.full((len(captions),), FLUX_GUIDANCE, device=device, dtype=torch.float32)
+        return cond
     if family is SDXL:
         embeds, _, pooled, _ = pipeline.encode_prompt(
             prompt=captions, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
@@ -39,6 +67,9 @@ def conditioning(pipeline, family, captions: list[str], resolution: int, dtype, 
     return {"encoder_hidden_states": embeds.to(dtype)}
 
 
+# What diffusers' FLUX training scripts feed a guidance-distilled model (FLUX.1 [dev]) while training.
+FLUX_GUIDANCE = 3.5
+
 _TOKENS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # tokenizer -> caption -> (ids, attention mask)
 
 
@@ -55,9 +86,11 @@ def token_ids(tokenizer, captions: list[str]) -> tuple[torch.Tensor, torch.Tenso
 
 
 def conditioning_tensors(cond: dict) -> list[torch.Tensor]:
-    """What the retain term compares: the token embeddings, and SDXL's pooled embedding."""
+    """What the retain term compares: the token embeddings, and the pooled embedding where there is one (SDXL's,
+    SD 3.x's and FLUX.1's)."""
     added = cond.get("added_cond_kwargs") or {}
-    return [cond["encoder_hidden_states"]] + ([added["text_embeds"]] if "text_embeds" in added else [])
+    pooled = [added["text_embeds"]] if "text_embeds" in added else []
+    return [cond["encoder_hidden_states"]] + pooled + ([cond["pooled_projections"]] if "pooled_projections" in cond else [])
 
 
 FROZEN_CHUNK = 16  # captions per encoder call when computing the originals: batched, but never a memory peak
@@ -65,7 +98,8 @@ FROZEN_CHUNK = 16  # captions per encoder call when computing the originals: bat
 
 @torch.no_grad()
 def frozen_conditioning(pipeline, family, captions, resolution, dtype,
-                        known: dict[str, list[torch.Tensor]] | None = None) -> dict[str, list[torch.Tensor]]:
+                        known: dict[str, list[torch.Tensor]] | None = None,
+                        sequence_length: int | None = None) -> dict[str, list[torch.Tensor]]:
     """The ORIGINAL encoder's conditioning per caption, computed once before any weight moves; `known` ones are
     taken as they are."""
     known = known or {}
@@ -73,17 +107,17 @@ def frozen_conditioning(pipeline, family, captions, resolution, dtype,
     frozen = {caption: known[caption] for caption in captions if caption in known}
     for start in range(0, len(unique), FROZEN_CHUNK):
         chunk = unique[start:start + FROZEN_CHUNK]
-        tensors = conditioning_tensors(conditioning(pipeline, family, chunk, resolution, dtype))
+        tensors = conditioning_tensors(conditioning(pipeline, family, chunk, resolution, dtype,
+                                                    sequence_length=sequence_length))
         frozen.update({caption: [t[i:i + 1] for t in tensors] for i, caption in enumerate(chunk)})
     return frozen
 
 
 def select_rows(cond: dict, rows) -> dict:
-    """Some rows of a conditioning (SDXL's pooled embeddings and time ids with them); `rows` a slice or an index."""
-    picked = {"encoder_hidden_states": cond["encoder_hidden_states"][rows]}
-    if "added_cond_kwargs" in cond:
-        picked["added_cond_kwargs"] = {key: value[rows] for key, value in cond["added_cond_kwargs"].items()}
-    return picked
+    """Some rows of a conditioning (pooled embeddings, time ids and guidance with them; position ids shared);
+    `rows` a slice or an index."""
+    return {key: value if key in SHARED else select_rows(value, rows) if isinstance(value, dict) else value[rows]
+            for key, value in cond.items()}
 
 
 def split_conditioning(cond: dict, count: int) -> tuple[dict, list[torch.Tensor]]:
@@ -99,8 +133,11 @@ def stacked(frozen: dict, captions: list[str]) -> list[torch.Tensor]:
 
 
 def as_cond(tensors: list[torch.Tensor], like: dict) -> dict:
-    """Frozen conditioning tensors back in the UNet's keyword form (SDXL keeps its time ids)."""
-    cond = {"encoder_hidden_states": tensors[0]}
+    """Frozen conditioning tensors back in the denoiser's keyword form, the rest as in `like` (SDXL's time ids,
+    FLUX's position ids and guidance)."""
+    cond = {**like, "encoder_hidden_states": tensors[0]}
     if "added_cond_kwargs" in like:
         cond["added_cond_kwargs"] = {**like["added_cond_kwargs"], "text_embeds": tensors[1]}
+    if "pooled_projections" in like:
+        cond["pooled_projections"] = tensors[1]
     return cond

@@ -40,12 +40,14 @@ def snapshot(parts, targets, kept: tuple[str, ...], settings, empty: list[torch.
     pipeline, family, dtype = parts.pipeline, parts.family, parts.dtype
     resolution = settings.resolution
     scheduler = training_scheduler(pipeline)
-    empty = empty or conditioning_tensors(conditioning(pipeline, family, [""], resolution, dtype))
+    length = settings.max_sequence_length
+    empty = empty or conditioning_tensors(conditioning(pipeline, family, [""], resolution, dtype, sequence_length=length))
     blank = {} if blank is None else blank
     advantages = {t.concept: advantage(parts, t, scheduler, empty, settings, blank) for t in targets}
     templates = targets[0].templates[:KEPT_TEMPLATES]
     captions = {name: [fill(t, name) for t in templates] for name in kept}
-    encoded = frozen_conditioning(pipeline, family, [c for group in captions.values() for c in group], resolution, dtype)
+    encoded = frozen_conditioning(pipeline, family, [c for group in captions.values() for c in group], resolution, dtype,
+                                  sequence_length=length)
     kept_cond = {name: [torch.cat(rows) for rows in zip(*(encoded[c] for c in group))] for name, group in captions.items()}
     return Snapshot(advantages, kept_cond, empty, blank, encoded)
 

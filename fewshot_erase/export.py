@@ -11,7 +11,7 @@ from .base import base_tensors
 from .errors import BadInput, EraseWarning, python_terms
 from .patch import ERASE_OUTPUT, read_patch
 from .record import stable_part
-from .writers import EXPORT_FORMATS, delta, lora
+from .writers import EXPORT_FORMATS, delta, drop_in, lora
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,8 @@ def export(output, fmt: str, target, *, rank: int | None = None, model: str | No
            overwrite: bool = False) -> ExportResult:
     """A small file of what the erase in `output` changed: its feed-forward differences (`delta`), or low-rank
     factors of them (`lora-kohya`, `lora-diffusers`). The differences need the base model's weights: the one the
-    erase record names, or `model`."""
+    erase record names, or `model`. `drop-in`: `target` is a folder, and gets each erased encoder whole as the file
+    ComfyUI and Forge load (clip_l.safetensors, t5xxl_fp16.safetensors, ...)."""
     from .writers.atomic import check_target, staged_file
 
     if fmt not in EXPORT_FORMATS:
@@ -36,6 +37,8 @@ def export(output, fmt: str, target, *, rank: int | None = None, model: str | No
     if rank is not None and rank < 1:
         raise BadInput(f"--rank must be at least 1, got {rank}")
     output, target = Path(output), Path(target)
+    if fmt == "drop-in":
+        return _export_drop_in(output, target, overwrite)
     if not target.suffix.lower() == ".safetensors":
         raise BadInput(f"export file {target} must end in .safetensors")
     target = check_target(target, overwrite, inputs=(output,))
@@ -56,4 +59,18 @@ def export(output, fmt: str, target, *, rank: int | None = None, model: str | No
         fix = (" (kohya's keys cannot carry the bias changes); export lora-diffusers or delta to keep them, or raise --rank"
                if report["biases"] == "left out" else "; raise --rank")
         warnings.warn(missed + fix, EraseWarning, stacklevel=2)
+    return ExportResult(target, report)
+
+
+def _export_drop_in(output: Path, target: Path, overwrite: bool) -> ExportResult:
+    from .writers.atomic import check_target, staged_folder
+
+    if target.suffix.lower() == ".safetensors":
+        raise BadInput(f"--format drop-in writes a folder of files (clip_l.safetensors, ...), but {target} names one file; name a folder")
+    target = check_target(target, overwrite, inputs=(output,))
+    patch = read_patch(output)
+    if patch.kind != ERASE_OUTPUT:
+        raise BadInput(f"{output} is an exported patch; drop-in files are written from the `erase` output folder")
+    with staged_folder(target, overwrite) as staging:
+        report = drop_in.write_drop_in(staging, patch, stable_part(patch.record))
     return ExportResult(target, report)

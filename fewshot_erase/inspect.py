@@ -64,7 +64,9 @@ def _model_report(path: Path) -> dict:
     encoders = {}
     for encoder in family.encoders:
         holding = [file for file in files if encoder in file.keys]
-        fc1 = [(file, name) for file in holding for name in file.keys[encoder] if name.endswith("fc1.weight")]
+        # each layer's first feed-forward matrix (CLIP's fc1, T5's wi or gated wi_0): its input width is the model's
+        fc1 = [(file, name) for file in holding for name in file.keys[encoder]
+               if name.endswith(("fc1.weight", "DenseReluDense.wi.weight", "DenseReluDense.wi_0.weight"))]
         encoders[encoder] = {
             "layout": holding[0].layouts[encoder],
             "layers": len({name for _, name in fc1}),

@@ -33,6 +33,20 @@ class WeightFile:
         return self.header[self.keys[encoder][name]]["dtype"]
 
 
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
+FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
+
+
+def refuse_quantised(files: list[WeightFile], encoders, what: str, fix: str, allowed=FLOAT_DTYPES) -> None:
+    """Feed-forward tensors in a quantised dtype (fp8 T5 files are common): an erase's changes are smaller than fp8's
+    steps, so a patch cannot be written into one faithfully; integer-quantised ones cannot even be trained."""
+    for file in files:
+        for encoder in encoders:
+            for name in file.keys.get(encoder, {}):
+                if file.dtype(encoder, name) not in allowed:
+                    raise BadInput(f"{file.path}: {encoder}'s {name} is stored as {file.dtype(encoder, name)}, which {what}; {fix}")
+
+
 def model_files(path: Path, where: str) -> tuple[families.Family, list[WeightFile]]:
     """A single-file checkpoint or a diffusers pipeline folder: its family, and its files that hold text-encoder
     feed-forward tensors (a folder may hold several per encoder: shards, or variants such as model.fp16)."""

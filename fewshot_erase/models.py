@@ -12,7 +12,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import families, safetensors_file
+from . import families, keys, safetensors_file
 from .errors import BadInput, RunFailure, first_line
 
 PACKAGE = Path(__file__).resolve().parent
@@ -112,7 +112,15 @@ class PipelineParts:
 
     @property
     def resolution(self) -> int:
-        return int(self.pipeline.unet.config.sample_size) * int(self.pipeline.vae_scale_factor)
+        """What the pipeline generates at by default (FLUX's transformer has no sample size: its pipeline's)."""
+        pipeline = self.pipeline
+        size = pipeline.unet.config.sample_size if self.family.denoiser == "unet" else (
+            getattr(pipeline.transformer.config, "sample_size", None) or pipeline.default_sample_size)
+        return int(size) * int(pipeline.vae_scale_factor)
+
+    @property
+    def denoiser(self):
+        return getattr(self.pipeline, self.family.denoiser)
 
     def text_encoder(self, name: str):
         return getattr(self.pipeline, name)
@@ -198,6 +206,11 @@ def dtype_keyword() -> str:
     return "dtype" if hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else "torch_dtype"
 
 
+def _no_safety_checker(family: families.Family) -> dict:
+    """SD 1.x and 2.x pipelines would load a safety checker; the erase never generates, so it needs none."""
+    return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False} if family in (families.SD1, families.SD2) else {}
+
+
 def _pipeline_class(family: families.Family):
     import diffusers
 
@@ -212,7 +225,7 @@ def _load_folder(path: Path, family: families.Family, dtype):
         if weights.name in COMPONENT_WEIGHTS:
             safetensors_file.read_header(weights)
     cls = _pipeline_class(family)
-    extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False} if family is not families.SDXL else {}
+    extra = _no_safety_checker(family)
     # The trained encoders load straight in fp32: by way of bf16 every weight of theirs would lose precision.
     dtypes = {"default": dtype, **{name: torch.float32 for name in family.encoders}}
     try:
@@ -222,26 +235,46 @@ def _load_folder(path: Path, family: families.Family, dtype):
 
 
 def single_file_family(path: Path, where: str) -> families.Family:
-    header = safetensors_file.read_header(path)
-    return families.family_from_keys(safetensors_file.tensor_names(header), where)
+    from .model_files import FP8_DTYPES, FLOAT_DTYPES, model_files, refuse_quantised
+
+    family, files = model_files(path, where)
+    refuse_quantised(files, family.encoders, "cannot be trained (only float weights can)",
+                     "use a copy of the checkpoint with float text encoders (fp16, bf16 or fp32; fp8 is upcast)",
+                     allowed=FLOAT_DTYPES + FP8_DTYPES)
+    return family
 
 
 def _load_single_file(path: Path, family: families.Family, config: Path | None, dtype):
     """diffusers' `from_single_file` would fetch the family's configs from the Hub; hand it the packaged ones
     (or the user's --config for a non-standard architecture) and the packaged tokenizer instead."""
+    if family.flow_matching and not config:
+        raise BadInput(f"{path} is a {family.label} single file, and T5's tokenizer is neither in it nor shippable with "
+                       "fewshot-erase; pass --config with the model's diffusers folder (its Hub snapshot) or a folder of its configs and tokenizers")
     config_dir = Path(config) if config else CONFIGS_DIR / family.name
     if not (config_dir / "model_index.json").is_file():
         raise BadInput(f"config folder {config_dir} has no model_index.json; pass a folder laid out like a diffusers pipeline (configs only)")
-    tokenizers = family_tokenizers(family)
-    extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False} if family is not families.SDXL else {}
+    # SD 3.x and FLUX.1 take every tokenizer from --config (transformers 5's are not the classes diffusers looks for)
+    tokenizers = {} if family.flow_matching else family_tokenizers(family)
+    extra = _no_safety_checker(family)
     cls = _pipeline_class(family)
     try:
-        return cls.from_single_file(str(path), config=str(config_dir), local_files_only=True,
-                                    **{dtype_keyword(): dtype}, **tokenizers, **extra)
+        pipeline = cls.from_single_file(str(path), config=str(config_dir), local_files_only=True,
+                                        **{dtype_keyword(): dtype}, **tokenizers, **extra)
+        _tie_t5_embeddings(pipeline, family)
+        return pipeline
     except _loader_errors() as error:
         if "size mismatch" in str(error) or "shape" in str(error):
             raise BadInput(f"{path}: tensor shapes do not match the {family.label} architecture; pass --config with the model's own configs") from None
         raise BadInput(f"{path} could not be read as a {family.label} checkpoint ({first_line(error)}); check the file") from None
+
+
+def _tie_t5_embeddings(pipeline, family: families.Family) -> None:
+    """diffusers' single-file loader fills T5 on the meta device and breaks its `embed_tokens` <-> `shared` tie; no
+    file holds `embed_tokens` (it is `shared`), so it would stay on meta. Tie it again."""
+    for name in family.encoders:
+        encoder = getattr(pipeline, name)
+        if keys.encoder_kind(encoder) == "t5" and encoder.encoder.embed_tokens.weight.is_meta:
+            encoder.tie_weights()
 
 
 def pickle_to_safetensors(path: Path, workdir: Path) -> Path:
@@ -267,8 +300,8 @@ def pickle_to_safetensors(path: Path, workdir: Path) -> Path:
 
 def load_pipeline_parts(source: ModelSource, *, device: str = "auto", dtype: str = "auto", config: str | None = None,
                         allow_pickle: bool = False, unet_on_host: bool = False) -> PipelineParts:
-    """`unet_on_host`: leave the UNet on the host, for an erase to move it once the pictures are encoded (--low-memory:
-    the VAE's activations and the UNet's weights are never on the GPU together)."""
+    """`unet_on_host`: leave the denoiser (UNet or transformer) on the host, for an erase to move it once the pictures
+    are encoded (--low-memory: the VAE's activations and the denoiser's weights are never on the GPU together)."""
     import torch
 
     torch_device = resolve_device(device)
@@ -294,7 +327,7 @@ def load_pipeline_parts(source: ModelSource, *, device: str = "auto", dtype: str
     for name in family.encoders:
         getattr(pipeline, name).to(dtype=torch.float32)
     for name, component in pipeline.components.items():
-        if isinstance(component, torch.nn.Module) and not (unet_on_host and name == "unet"):
+        if isinstance(component, torch.nn.Module) and not (unet_on_host and name == family.denoiser):
             component.to(torch_device)
     return PipelineParts(pipeline=pipeline, family=family, source=source, device=torch_device, dtype=torch_dtype)
 
@@ -320,8 +353,8 @@ class KeptModel:
             encoder = self.parts.text_encoder(name)
             encoder.load_state_dict(state)
             encoder.to(self.parts.device)  # a --low-memory erase leaves its encoders on the host
-        if self.parts.pipeline.unet.is_gradient_checkpointing:  # a --low-memory job before this one
-            self.parts.pipeline.unet.disable_gradient_checkpointing()
+        if self.parts.denoiser.is_gradient_checkpointing:  # a --low-memory job before this one
+            self.parts.denoiser.disable_gradient_checkpointing()
         if options.get("unet_on_host"):
-            self.parts.pipeline.unet.to("cpu")
+            self.parts.denoiser.to("cpu")
         return self.parts

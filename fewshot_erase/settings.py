@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .errors import BadInput
+from .keys import encoder_choice_ok
 
 TRAIN_CHOICES = ("ffn", "ffn+last-attn", "all")
 PRESERVE_WEIGHT = 1.0  # the retain term's weight when concepts to keep are named: the demo's, measured there
-ENCODER_CHOICES = ("1", "2", "both")
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,12 @@ class EraseSettings:
     seed: int = 0
     flip: bool = True
     train: str = "ffn"
-    encoder: str = "both"
+    # None: the family's default (keys.trained_encoders); `all`, or a comma list of names or positions (`clip-l,t5`).
+    encoder: Optional[str] = None
+    # T5 blocks whose feed-forward weights train (None: every block); fewer cost less memory (docs/flow-models.md).
+    t5_layers: Optional[tuple[int, ...]] = None
+    # SD 3.x / FLUX.1: T5's tokens per caption, as the generator is run (None: the pipeline's default).
+    max_sequence_length: Optional[int] = None
     device: str = "auto"
     # CPU threads for torch (None: torch's own choice); the weights are byte-identical only for the same count.
     threads: Optional[int] = None
@@ -64,7 +69,11 @@ class EraseSettings:
             (self.threads is None or self.threads >= 1, f"--threads must be at least 1, got {self.threads}"),
             (self.resolution is None or self.resolution >= 8, f"--resolution must be at least 8, got {self.resolution}"),
             (self.train in TRAIN_CHOICES, f"--train must be one of {', '.join(TRAIN_CHOICES)}, got {self.train!r}"),
-            (self.encoder in ENCODER_CHOICES, f"--encoder must be one of 1, 2, both, got {self.encoder!r}"),
+            (encoder_choice_ok(self.encoder), f"--encoder takes all, or names or positions such as clip-l,t5 or 1,2; got {self.encoder!r}"),
+            (self.t5_layers is None or (len(self.t5_layers) > 0 and min(self.t5_layers) >= 0),
+             f"--t5-layers must name blocks 0 and up, got {self.t5_layers}"),
+            (self.max_sequence_length is None or self.max_sequence_length >= 1,
+             f"--max-sequence-length must be at least 1, got {self.max_sequence_length}"),
             (self.preserve_weight >= 0, f"--preserve-weight must be zero or positive, got {self.preserve_weight}"),
             (self.until in (None, "gone"), f"--until must be 'gone', got {self.until!r}"),
             (self.until_window >= 1, f"the --until window must be at least 1, got {self.until_window}"),
@@ -90,7 +99,22 @@ class EraseSettings:
         record["betas"] = list(self.betas)
         record["templates"] = list(self.templates) if self.templates is not None else None
         record["preserve"] = list(self.preserve)
+        record["t5_layers"] = list(self.t5_layers) if self.t5_layers is not None else None
         return record
+
+
+def parse_layers(text: str) -> tuple[int, ...]:
+    """`0-5`, `0,2,4` or both mixed, as --t5-layers takes them."""
+    blocks: set[int] = set()
+    try:
+        for part in text.split(","):
+            first, _, last = part.strip().partition("-")
+            blocks.update(range(int(first), int(last or first) + 1))
+    except ValueError:
+        raise BadInput(f"--t5-layers takes block numbers and ranges such as 0-5 or 0,2,4, got {text!r}") from None
+    if not blocks:
+        raise BadInput(f"--t5-layers names no block in {text!r}; give e.g. 0-5")
+    return tuple(sorted(blocks))
 
 
 def with_implied(chosen: dict, recommended: dict) -> dict:

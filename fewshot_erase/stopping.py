@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .conditioning import as_cond, conditioning, select_rows
+from .conditioning import as_cond, conditioning, denoiser_of, select_rows
 from .denoising import noised, prediction_error
 
 ADVANTAGE_SEED = 4021  # fixed: every check of a run, and the report before and after, see the same noise
@@ -32,14 +32,16 @@ def advantage(parts, target, scheduler, empty: list[torch.Tensor], settings, bla
     """The empty caption's loss minus the concept's captions' loss on the concept's pictures; above 0 the text still
     helps draw the concept. `blank` caches the empty caption's loss per concept: frozen UNet, frozen conditioning
     and fixed noise make it the same at every check of a run, so only the first check pays for it."""
-    pipeline, family, unet = parts.pipeline, parts.family, parts.pipeline.unet
+    pipeline, family, unet = parts.pipeline, parts.family, denoiser_of(parts.pipeline)
     generator = torch.Generator().manual_seed(ADVANTAGE_SEED)
-    latents = target.latents[: target.image_count].repeat(ADVANTAGE_REPEATS, 1, 1, 1)
+    pictures = target.latents[: target.image_count]
+    latents = pictures.repeat(ADVANTAGE_REPEATS, *[1] * (pictures.ndim - 1))
     noisy, timesteps, goal = noised(latents, scheduler, generator)
     captions = [target.caption(i) for i in range(len(latents))]
     # each distinct caption encoded once: the rows repeat them (ADVANTAGE_REPEATS, and more pictures than templates)
     unique = list(dict.fromkeys(captions))
-    encoded = conditioning(pipeline, family, unique, settings.resolution, parts.dtype)
+    encoded = conditioning(pipeline, family, unique, settings.resolution, parts.dtype,
+                           sequence_length=settings.max_sequence_length)
     index = torch.tensor([unique.index(caption) for caption in captions])
     known = target.concept in blank
     with_text = without_text = 0.0

@@ -22,8 +22,9 @@ import torch.nn.functional as F
 
 from . import keys, stopping
 from .keys import trained_encoders
-from .conditioning import as_cond, conditioning, conditioning_tensors, frozen_conditioning, split_conditioning, stacked
-from .denoising import noised, training_scheduler
+from .conditioning import (as_cond, conditioning, conditioning_tensors, denoiser_of, frozen_conditioning,
+                           split_conditioning, stacked)
+from .denoising import noised, predict, training_scheduler
 from .effects import Snapshot
 from .errors import RunFailure
 from .prompts import fill
@@ -31,13 +32,17 @@ from .placement import frozen_parts_in, stepping_in_backward, stepping_on_host
 from .settings import EraseSettings
 
 
-def ffn_parameters(text_encoder, train: str) -> dict[str, torch.nn.Parameter]:
+def ffn_parameters(text_encoder, train: str, t5_layers: tuple[int, ...] | None = None) -> dict[str, torch.nn.Parameter]:
     """Canonical name -> parameter for the weights this erase trains; everything else gets requires_grad False."""
     layer_count = text_encoder.config.num_hidden_layers
+    kind = keys.encoder_kind(text_encoder)
+    layers = keys.trained_blocks(kind, t5_layers)
+    if layers is not None and max(layers) >= layer_count:
+        raise RunFailure(f"--t5-layers names block {max(layers)}, but this T5 has blocks 0-{layer_count - 1}; name blocks it has")
     selected = {}
     for name, parameter in text_encoder.named_parameters():
-        canonical = keys.canonical_clip_key(name)
-        trained = keys.is_trained(canonical, train, layer_count)
+        canonical = keys.canonical_key(kind, name)
+        trained = keys.is_trained(canonical, train, layer_count, layers)
         parameter.requires_grad_(trained)
         if trained:
             selected[canonical] = parameter
@@ -50,7 +55,8 @@ ENCODE_PIXELS = 4 * 512 * 512
 
 
 @torch.no_grad()
-def encode_images_once(vae, pixels: torch.Tensor, device, dtype, chunk: int | None = None) -> torch.Tensor:
+def encode_images_once(vae, pixels: torch.Tensor, device, dtype, chunk: int | None = None,
+                       packed: bool = False) -> torch.Tensor:
     """Latents for the whole run. The distribution's mean, not a sample: the pictures are few, and a fixed
     encoding keeps the run deterministic; the noise the loss adds dominates the VAE's own variance anyway."""
     chunk = chunk or max(1, ENCODE_PIXELS // (pixels.shape[-2] * pixels.shape[-1]))
@@ -67,7 +73,15 @@ def encode_images_once(vae, pixels: torch.Tensor, device, dtype, chunk: int | No
         latents.append(vae.encode(batch).latent_dist.mean)
     latents = torch.cat(latents)
     shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return ((latents - shift) * vae.config.scaling_factor).to(unet_dtype)
+    latents = ((latents - shift) * vae.config.scaling_factor).to(unet_dtype)
+    return pack_latents(latents) if packed else latents
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """FLUX's transformer reads 2x2 latent patches as tokens: [N, C, H, W] -> [N, H/2 * W/2, 4C], as its pipeline
+    packs them (noise drawn in either layout is the same distribution)."""
+    n, c, h, w = latents.shape
+    return latents.view(n, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(n, (h // 2) * (w // 2), c * 4)
 
 
 @dataclass
@@ -102,29 +116,29 @@ class LoopResult:
 def prepare_encoders(parts, settings: EraseSettings) -> dict:
     """Freeze everything but the selected weights; return them per encoder."""
     pipeline, family = parts.pipeline, parts.family
-    pipeline.unet.requires_grad_(False)  # no weight gradients for the UNet: only its input gets one
+    denoiser_of(pipeline).requires_grad_(False)  # no weight gradients for the denoiser: only its input gets one
     pipeline.vae.requires_grad_(False)
     chosen = trained_encoders(family, settings.encoder)
     trained = {}
     for name in family.encoders:
         encoder = parts.text_encoder(name)
         encoder.train(False)
-        trained[name] = ffn_parameters(encoder, settings.train) if name in chosen else {}
+        trained[name] = ffn_parameters(encoder, settings.train, settings.t5_layers) if name in chosen else {}
         if name not in chosen:
             encoder.requires_grad_(False)
     return trained
 
 
-def objective(unet, noisy, timesteps, goal, cond, anchor_cond: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
+def objective(model, noisy, timesteps, goal, cond, anchor_cond: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The denoising loss, and what the step minimises: its negative (gradient ASCENT, the published method), or,
-    with an anchor, the distance to what the ORIGINAL encoder's anchor captions make the UNet predict on the same
-    noisy pictures (steer rather than push away)."""
-    prediction = unet(noisy, timesteps, **cond).sample.float()
+    with an anchor, the distance to what the ORIGINAL encoder's anchor captions make the denoiser predict on the
+    same noisy pictures (steer rather than push away)."""
+    prediction = predict(model, noisy, timesteps, cond).float()
     loss = F.mse_loss(prediction, goal.float())
     if anchor_cond is None:
         return loss, -loss
     with torch.no_grad():
-        wanted = unet(noisy, timesteps, **anchor_cond).sample.float()
+        wanted = predict(model, noisy, timesteps, anchor_cond).float()
     return loss, F.mse_loss(prediction, wanted)
 
 
@@ -193,7 +207,7 @@ class Loop:
 
     def encode(self, captions: list[str]) -> dict:
         return conditioning(self.parts.pipeline, self.parts.family, captions, self.resolution, self.parts.dtype,
-                            self.device)
+                            self.device, self.settings.max_sequence_length)
 
     def descend(self, objective_value: torch.Tensor) -> None:
         objective_value.backward()  # each weight takes its step during it (stepping_in_backward)
@@ -210,7 +224,7 @@ def erase_step(loop: Loop, target: Target, picked: list[int], templates: list[st
                                         len(picked))
     noisy, timesteps, goal = noised(target.latents[picked], loop.scheduler, loop.generator)
     anchor = as_cond(stacked(loop.frozen, [fill(t, target.anchor) for t in templates]), cond) if target.anchor else None
-    loss, value = objective(loop.parts.pipeline.unet, noisy, timesteps, goal, cond, anchor)
+    loss, value = objective(denoiser_of(loop.parts.pipeline), noisy, timesteps, goal, cond, anchor)
     if not torch.isfinite(value):
         raise RunFailure(f"the loss became {value.item()} at step {step + 1}; lower --lr (now {loop.settings.lr}) or use --dtype float32")
     entry = {"concept": target.concept, "loss": loss.item()}
@@ -229,7 +243,7 @@ def hold(loop: Loop, target: Target) -> list[str]:
     so that ascent on the other concepts, or repair steps, cannot bring it back. Its captions."""
     captions = [target.caption(i) for i in range(len(target.templates))]
     loop.frozen.update(frozen_conditioning(loop.parts.pipeline, loop.parts.family, captions, loop.resolution,
-                                           loop.parts.dtype))
+                                           loop.parts.dtype, sequence_length=loop.settings.max_sequence_length))
     return captions
 
 
@@ -255,7 +269,7 @@ def run(parts, targets: list[Target], settings: EraseSettings, before: Snapshot,
     resolution = settings.resolution or parts.resolution
     trained = prepare_encoders(parts, settings)
     if settings.low_memory:
-        pipeline.unet.enable_gradient_checkpointing()
+        denoiser_of(pipeline).enable_gradient_checkpointing()
     captions_rng = random.Random(settings.seed)
     generator = torch.Generator().manual_seed(settings.seed)
     streams = [batches(t.image_count, settings.batch_size, settings.flip, generator) for t in targets]
@@ -263,8 +277,9 @@ def run(parts, targets: list[Target], settings: EraseSettings, before: Snapshot,
     retained = preserve_rows(pool, settings.preserve_batch, captions_rng) if pool else None
     anchors = [fill(template, t.anchor) for t in targets if t.anchor for template in t.templates]
     frozen = frozen_conditioning(pipeline, family, [c for group in pool.values() for c in group] + anchors,
-                                 resolution, dtype, before.originals)
-    loop = Loop(parts, settings, training_scheduler(pipeline), generator, frozen, resolution, pipeline.unet.device)
+                                 resolution, dtype, before.originals, settings.max_sequence_length)
+    loop = Loop(parts, settings, training_scheduler(pipeline), generator, frozen, resolution,
+                denoiser_of(pipeline).device)
     published_length = sum(settings.replace(steps=None).step_count(t.image_count) for t in targets)
     steps = settings.steps or published_length
     earliest_stop = min(published_length, steps)  # --until never stops before the published schedule is done

@@ -300,9 +300,9 @@ def model_pipeline_without_text_encoder(ws):
 
 @case("cli", "api")
 def model_family_unsupported(ws):
-    index = {"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]}
-    ws.file("flux/model_index.json", json.dumps(index).encode())
-    return Case(["tiny robot", ws.pictures()], {"model": str(ws.inputs / "flux")}, message="which fewshot-erase does not support")
+    index = {"_class_name": "PixArtAlphaPipeline", "transformer": ["diffusers", "PixArtTransformer2DModel"]}
+    ws.file("pixart/model_index.json", json.dumps(index).encode())
+    return Case(["tiny robot", ws.pictures()], {"model": str(ws.inputs / "pixart")}, message="which fewshot-erase does not support")
 
 
 @case("cli", "api")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..settings import ENCODER_CHOICES, TRAIN_CHOICES
+from ..settings import TRAIN_CHOICES, parse_layers
 from .render import effect_lines, handled, print_json, rich_progress, verdict
 
 
@@ -22,7 +22,10 @@ from .render import effect_lines, handled, print_json, rich_progress, verdict
 @click.option("--batch-size", type=int, help="Images per step (default 2).")
 @click.option("--resolution", type=int, help="Training resolution in pixels (default: the model's).")
 @click.option("--train", type=click.Choice(TRAIN_CHOICES), help="Which weights to train (default ffn).")
-@click.option("--encoder", type=click.Choice(ENCODER_CHOICES), help="SDXL: which text encoder(s) to erase in (default both).")
+@click.option("--encoder", help="Which text encoder(s) to erase in: all, or names/positions such as clip-l,clip-g,t5 or 1,2 "
+                                 "(default: SDXL and SD 3.x all, FLUX.1 t5).")
+@click.option("--t5-layers", help="SD 3.x / FLUX.1: the T5 blocks whose feed-forward weights train, e.g. 0-5 or 0,2,4 (default all; fewer need less memory).")
+@click.option("--max-sequence-length", type=int, help="SD 3.x / FLUX.1: T5 tokens per caption, as you generate (default: the pipeline's).")
 @click.option("--concept", "concept_options", multiple=True, metavar="NAME=DIR", help="Erase several concepts in one run (repeatable).")
 @click.option("--manifest", type=click.Path(), help="JSON/YAML list of {concept, images, style, anchor} to erase in one run.")
 @click.option("--anchor", help="Steer the concept to generate this concept instead of pure erasure.")
@@ -46,7 +49,7 @@ from .render import effect_lines, handled, print_json, rich_progress, verdict
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout and nothing else there.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress, no summary; errors only.")
 def erase_command(concept, images, output, model, style, templates, seed, steps, epochs, lr, batch_size, resolution,
-                  train, encoder, concept_options, manifest, anchor, preserve, preserve_file, preserve_weight,
+                  train, encoder, t5_layers, max_sequence_length, concept_options, manifest, anchor, preserve, preserve_file, preserve_weight,
                   no_preserve, until, no_flip, device, threads, dtype, low_memory, config, allow_pickle, overwrite, as_json,
                   quiet):
     """Erase CONCEPT using a few real images of it (files or folders).
@@ -55,6 +58,7 @@ def erase_command(concept, images, output, model, style, templates, seed, steps,
     chosen = {
         "style": style or None, "templates": tuple(templates) or None, "seed": seed, "steps": steps, "epochs": epochs,
         "lr": lr, "batch_size": batch_size, "resolution": resolution, "train": train, "encoder": encoder,
+        "t5_layers": parse_layers(t5_layers) if t5_layers else None, "max_sequence_length": max_sequence_length,
         "flip": False if no_flip else None, "device": device, "threads": threads, "dtype": dtype, "low_memory": low_memory or None,
         "preserve_weight": 0.0 if no_preserve else preserve_weight,
     }

@@ -63,6 +63,9 @@ def write_lora(path, flavour: str, patch, base: dict, differences: dict, rank: i
     """Write the file at `rank` (None: the smallest of AUTO_RANKS within TOLERANCE); return the report (also stored
     in the record): the rank used, each layer's relative reconstruction error and the effect on the erased prompts'
     embeddings against the full patch."""
+    if patch.family.name not in KOHYA_PREFIXES:
+        raise BadInput(f"a LoRA of a {patch.family.label} erase is not written yet (diffusers' {patch.family.label} LoRA loader "
+                       "takes no T5 weights); export --format delta for apply, or drop-in for ComfyUI and Forge")
     full_rank = max(min(d.shape) for changes in differences.values() for d in changes.values() if d.dim() == 2)
     tried = [rank] if rank else [r for r in AUTO_RANKS if r < full_rank] + [full_rank]
     for candidate in tried:

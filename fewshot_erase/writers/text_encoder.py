@@ -1,5 +1,6 @@
-"""The `erase` output: a folder that `CLIPTextModel.from_pretrained` loads (SDXL: one per encoder, in
-text_encoder/ and text_encoder_2/), with the canonical `text_model.` key names and the erase record."""
+"""The `erase` output: a folder that `CLIPTextModel.from_pretrained` loads (SDXL, SD 3.x, FLUX.1: one per encoder, in
+text_encoder/, text_encoder_2/, text_encoder_3/, as in a pipeline; T5 loads with `T5EncoderModel`), with the
+canonical key names and the erase record."""
 
 from __future__ import annotations
 
@@ -15,12 +16,14 @@ METADATA_KEY = "fewshot_erase"
 
 
 def encoder_folder(output: Path, family, encoder_name: str) -> Path:
-    """SD 1.x/2.x: the output folder is the text encoder; SDXL: one subfolder per encoder, named as in a pipeline."""
+    """SD 1.x/2.x: the output folder is the text encoder; otherwise one subfolder per encoder, named as in a pipeline."""
     return output if len(family.encoders) == 1 else output / encoder_name
 
 
 def canonical_state(text_encoder) -> dict:
-    return {keys.canonical_clip_key(name): tensor.detach().cpu().contiguous() for name, tensor in text_encoder.state_dict().items()}
+    kind = keys.encoder_kind(text_encoder)
+    return {keys.canonical_key(kind, name): tensor.detach().cpu().contiguous()
+            for name, tensor in text_encoder.state_dict().items() if not (kind == "t5" and name == keys.T5_TIED)}
 
 
 def write_text_encoder(folder: Path, text_encoder, record: dict) -> None:
