@@ -19,7 +19,7 @@ from .concepts import COMMON_CONCEPTS, ConceptSpec, automatic_preserve, check_sp
 from .errors import BadInput, EraseWarning, RunFailure, python_terms
 from .families import FLUX
 from .keys import trained_encoders
-from .models import (PICKLE_SUFFIXES, KeptModel, import_libraries, load_pipeline_parts, resolve_device,
+from .models import (PICKLE_SUFFIXES, KeptModel, import_libraries, known_family, load_pipeline_parts, resolve_device,
                      resolve_model)
 from .base import base_identity
 from .placement import encoders_held
@@ -136,6 +136,8 @@ def erase_concepts(
     settings = with_implied(settings, recommended)
     run_settings = EraseSettings(concept=", ".join(s.concept for s in specs), **{**recommended, **settings})
     check_output_is_a_folder(Path(output))
+    if (family := known_family(source)) is not None:
+        check_family_settings(family, run_settings)  # now, before the pictures are read and the model loaded
     if run_settings.device != "auto":
         resolve_device(run_settings.device)  # a GPU asked for and absent fails now, not after the model has loaded
     image_paths = [image_io.find_image_files(spec.images) for spec in specs]

@@ -78,6 +78,16 @@ def _read_json(path: Path, what: str) -> dict:
         raise BadInput(f"{what} {path} cannot be read ({error}); the pipeline folder is damaged") from None
 
 
+def known_family(source: ModelSource) -> families.Family | None:
+    """The family of a model already on disk, from its configs or header alone (a Hub id's, only once fetched)."""
+    if source.kind in ("demo", "folder"):
+        return family_of_folder(source.path, source.description)
+    if source.kind == "single-file":
+        return families.family_from_keys(safetensors_file.tensor_names(safetensors_file.read_header(source.path)),
+                                         source.reference)
+    return None
+
+
 def family_of_folder(path: Path, where: str) -> families.Family:
     model_index = _read_json(path / "model_index.json", "model index")
     text_encoder = _read_json(path / "text_encoder" / "config.json", "text encoder config") or None

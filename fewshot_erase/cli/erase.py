@@ -58,13 +58,15 @@ def erase_command(concept, images, output, model, style, templates, seed, steps,
     chosen = {
         "style": style or None, "templates": tuple(templates) or None, "seed": seed, "steps": steps, "epochs": epochs,
         "lr": lr, "batch_size": batch_size, "resolution": resolution, "train": train, "encoder": encoder,
-        "t5_layers": parse_layers(t5_layers) if t5_layers else None, "max_sequence_length": max_sequence_length,
+        "max_sequence_length": max_sequence_length,
         "flip": False if no_flip else None, "device": device, "threads": threads, "dtype": dtype, "low_memory": low_memory or None,
         "preserve_weight": 0.0 if no_preserve else preserve_weight,
     }
     with handled(quiet):
         from .. import concepts
         from ..api import erase_concepts
+
+        chosen["t5_layers"] = parse_layers(t5_layers) if t5_layers else None
 
         if concept_options or manifest:
             if concept or images or anchor:
