@@ -161,6 +161,7 @@ def fake_pipeline(family, dtype, folder=None):
     `load_pipeline_parts` leaves them."""
     import diffusers
     import transformers
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     from .models import CONFIGS_DIR, family_tokenizers
 
@@ -168,15 +169,31 @@ def fake_pipeline(family, dtype, folder=None):
     index = diffusers.DiffusionPipeline.load_config(str(folder))
     with default_dtype(dtype):
         components = {name: getattr(diffusers, index[name][1]).from_config(getattr(diffusers, index[name][1]).load_config(str(folder / name)))
-                      for name in ("unet", "vae")}
+                      for name in (family.denoiser, "vae")}
     for name in family.encoders:
         cls = getattr(transformers, index[name][1])
         components[name] = cls(cls.config_class.from_json_file(str(folder / name / "config.json")))
     scheduler = getattr(diffusers, index["scheduler"][1])
-    components["scheduler"] = scheduler.from_config(scheduler.load_config(str(folder / "scheduler")))
-    extra = {} if family.name == "sdxl" else {"safety_checker": None, "feature_extractor": None,
-                                             "requires_safety_checker": False}
-    return getattr(diffusers, family.pipeline_class)(**components, **family_tokenizers(family), **extra)
+    with unset_fake_temporarily():  # the flow-matching scheduler reads its own tensors' values when built
+        components["scheduler"] = scheduler.from_config(scheduler.load_config(str(folder / "scheduler")))
+    extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False} if family.name in ("sd1", "sd2") else {}
+    tokenizers = family_tokenizers(family) if not family.flow_matching else flow_tokenizers(family, components)
+    return getattr(diffusers, family.pipeline_class)(**components, **tokenizers, **extra)
+
+
+def flow_tokenizers(family, components) -> dict:
+    """SD 3.x / FLUX.1 tokenizers for an estimate: the packaged CLIP one, and a stand-in for T5's (its sentencepiece
+    model is not shipped): every caption is padded to the sequence length, so only the length counts."""
+    from transformers import T5Tokenizer
+
+    from .models import load_tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(chr(c), -1.0) for c in range(ord("a"), ord("z") + 1)]
+    t5 = T5Tokenizer(vocab=pieces, extra_ids=0)
+    clips = {"tokenizer": load_tokenizer()}
+    if family.name == "sd3":
+        return {**clips, "tokenizer_2": load_tokenizer("!"), "tokenizer_3": t5}
+    return {**clips, "tokenizer_2": t5}
 
 
 # The settings an estimate runs with: what `erase` does on a Stable Diffusion model with no options, the bare
@@ -198,6 +215,8 @@ class Estimate:
     preset: str
     low_memory: bool
     dtype: str
+    encoder: str | None
+    t5_layers: tuple[int, ...] | None
     peak: int  # bytes
     at_peak: dict  # kind -> bytes at that moment
     encode_peak: int  # bytes, while the pictures are encoded (the VAE on the GPU)
@@ -227,9 +246,11 @@ class Estimate:
 
 
 def estimate(family_name: str, resolution: int | None = None, preset: str = "default", low_memory: bool = False,
-             dtype: str = "bfloat16", folder=None) -> Estimate:
+             dtype: str = "bfloat16", folder=None, encoder: str | None = None, t5_layers: tuple[int, ...] | None = None,
+             sequence_length: int | None = None) -> Estimate:
     """One erase of PICTURES pictures on fake tensors, through the same functions `api.erase_concepts` calls;
-    `folder`: another pipeline folder's configs (the demo's) instead of the family's packaged ones."""
+    `folder`: another pipeline folder's configs (the demo's) instead of the family's packaged ones; `encoder`,
+    `t5_layers`, `sequence_length`: erase's --encoder, --t5-layers and --max-sequence-length."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from . import effects, families, unlearning
@@ -252,24 +273,27 @@ def estimate(family_name: str, resolution: int | None = None, preset: str = "def
                              compute, host="meta")
         options = {**PRESETS[preset], **({"preserve": watched} if PRESETS[preset].get("preserve_weight") else {})}
         settings = EraseSettings(concept="the concept", resolution=resolution or parts.resolution, steps=STEPS,
-                                 low_memory=low_memory, **options)
+                                 low_memory=low_memory, encoder=encoder, t5_layers=t5_layers,
+                                 max_sequence_length=sequence_length, **options)
+        denoiser = parts.denoiser
         window = settings.until_window
         trained = unlearning.prepare_encoders(parts, settings)
         with torch.no_grad():  # the floor's conditioning: only its shape matters, and a gradient to flow into
             floor_cond = conditioning(pipeline, family, ["the concept"] * settings.batch_size, settings.resolution,
-                                      compute)
+                                      compute, sequence_length=sequence_length)
         floor_cond["encoder_hidden_states"].requires_grad_(True)
         flops: dict[str, float] = {}
-        with PeakMemory([pipeline.unet, pipeline.vae, *(parts.text_encoder(n) for n in family.encoders)],
+        with PeakMemory([denoiser, pipeline.vae, *(parts.text_encoder(n) for n in family.encoders)],
                         [p for group in trained.values() for p in group.values()]) as memory, Flops() as counter:
             def mark(name):
                 flops[name] = counter.total - sum(flops.values())
 
             if low_memory:
-                memory.release(pipeline.unet)  # loaded to the host, it waits there while the pictures are encoded
+                memory.release(denoiser)  # loaded to the host, it waits there while the pictures are encoded
             # the pictures are on the host; the encoder takes them to the GPU a few at a time
             pixels = torch.rand(2 * PICTURES, 3, settings.resolution, settings.resolution, device=parts.host) * 2 - 1
-            latents = unlearning.encode_images_once(pipeline.vae, pixels, parts.device, compute)
+            latents = unlearning.encode_images_once(pipeline.vae, pixels, parts.device, compute,
+                                                    packed=family is families.FLUX)
             mark("encode")
             encode_peak = memory.peak
             memory.release(pipeline.vae)  # the erase moves the VAE to the host once the pictures are encoded
@@ -285,7 +309,7 @@ def estimate(family_name: str, resolution: int | None = None, preset: str = "def
             with encoders_held(parts, low_memory):
                 memory.weights_recast(encoders)
                 if low_memory:
-                    memory.arrive(pipeline.unet)  # once the encoders are held in the compute dtype
+                    memory.arrive(denoiser)  # once the encoders are held in the compute dtype
                 before = effects.snapshot(parts, targets, watched, settings)
                 mark("report")
                 unlearning.run(parts, targets, settings.replace(until_window=STEPS), before, on_step=on_step)
@@ -297,15 +321,16 @@ def estimate(family_name: str, resolution: int | None = None, preset: str = "def
             flops["step"] = steps[1] - steps[0]
             flops["check"] = flops.pop("loop") - flops["first_step"] - flops["step"]
             peak, at_peak = memory.peak, dict(memory.at_peak)
-            for encoder in encoders:  # the save: copies to the host (here "meta" stands for it as a device), not counted
-                canonical_state(encoder)
+            for module in encoders:  # the save: copies to the host (here "meta" stands for it as a device), not counted
+                canonical_state(module)
             noisy, timesteps, goal = noised(latents[: settings.batch_size], unlearning.training_scheduler(pipeline),
                                             torch.Generator().manual_seed(0))
             start = counter.total
-            pipeline.unet.disable_gradient_checkpointing()  # the floor is the plain forward and backward
-            prediction_error(pipeline.unet, noisy, timesteps, goal, floor_cond).backward()
+            denoiser.disable_gradient_checkpointing()  # the floor is the plain forward and backward
+            prediction_error(denoiser, noisy, timesteps, goal, floor_cond).backward()
             flops["floor"] = counter.total - start
-    return Estimate(family_name, settings.resolution, preset, low_memory, dtype, peak, at_peak, encode_peak, flops,
+    return Estimate(family_name, settings.resolution, preset, low_memory, dtype, encoder, t5_layers, peak, at_peak,
+                    encode_peak, flops,
                     EraseSettings(concept="x").step_count(PICTURES), window)
 
 
@@ -330,7 +355,8 @@ def report(result: Estimate) -> dict:
     gib = 2 ** 30
     return {
         "family": result.family, "resolution": result.resolution, "preset": result.preset,
-        "low_memory": result.low_memory, "dtype": result.dtype,
+        "low_memory": result.low_memory, "dtype": result.dtype, "encoder": result.encoder,
+        "t5_layers": list(result.t5_layers) if result.t5_layers else None,
         "peak_gib": result.peak / gib, "at_peak_gib": {kind: size / gib for kind, size in result.at_peak.items()},
         "encode_peak_gib": result.encode_peak / gib,
         "tflops": {name: value / 1e12 for name, value in result.flops.items()},

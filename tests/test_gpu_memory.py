@@ -75,7 +75,7 @@ def test_memory_prints_peak_and_predictions_as_json():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--family", "sd3"], "unknown family 'sd3'"),
+    (["--family", "sd4"], "unknown family 'sd4'"),
     (["--resolution", "500"], "--resolution must be a multiple of 64"),
     (["--preset", "fast"], "unknown preset 'fast'"),
     (["--dtype", "int8"], "--dtype must be bfloat16, float16 or float32"),
