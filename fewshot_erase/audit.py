@@ -305,6 +305,9 @@ def audit(output: str | Path, images: Sequence[str | Path] | None = None, *, att
         raise BadInput(f"--judge-images must be at least 1, got {judge_images}")
     output = Path(output)
     record = read_record(output)
+    if record["base"]["family"] in ("sd3", "flux"):
+        raise BadInput(f"{output} is an erase of an SD 3.x or FLUX.1 model, which audit does not attack yet: its attacks "
+                       "learn CLIP token embeddings, and T5 reads another vocabulary; audit SD 1.x, 2.x and SDXL erases")
     index, entry = concept_entry(record, concept)
     user_prompts = tuple(prompts) + (read_list_file(prompt_file, "prompt file") if prompt_file else ())
     loaded = read_pictures(record, index, images)

@@ -333,3 +333,9 @@ def test_the_flow_pictures_encode_as_flux_packs_them(tiny_flow, flow_pictures):
     packed = unlearning.encode_images_once(tiny.pipe.vae, pixels, "cpu", torch.float32, packed=True)
     plain = unlearning.encode_images_once(tiny.pipe.vae, pixels, "cpu", torch.float32)
     assert torch.equal(packed, tiny.pipe._pack_latents(plain, len(loaded), 16, 4, 4))
+
+
+def test_audit_says_it_does_not_attack_flow_erases_yet(erased_sd3):
+    _, output = erased_sd3
+    result = run_cli("audit", output)
+    assert result.exit_code == 2 and "audit does not attack yet" in result.output and not (output / "audit.json").exists()

@@ -1,0 +1,113 @@
+"""Which text encoders must an erase touch in a FLUX.1 model? Each digit erased from the FLUX-layout digits demo
+(`fewshot_erase/demo_flux`, demo/FLUX.md) with its six sample pictures, in CLIP-L only, T5 only, or both, with the
+SD 1.x demo's erase settings; judged by the same classifier on images generated with the demo's settings.
+
+    python -m benchmarks.flow_encoders --out benchmarks/results/flow_encoders.json            # ~15 min, one thread
+    python -m benchmarks.flow_encoders --digits 7 --encoders t5 --images 10 --out /tmp/x.json
+
+Needs the test extra (scikit-learn).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = REPO / "fewshot_erase" / "demo_flux"
+SAMPLES = REPO / "sample_images"
+PROMPT = "a photo of the digit {}"
+
+
+def demo_settings() -> tuple[dict, dict]:
+    """The SD 1.x demo's erase settings (captions, lr, the other digits kept, --until gone) and the FLUX demo's
+    generation settings."""
+    from fewshot_erase.models import demo_metadata
+
+    generation = json.loads((MODEL / "demo.json").read_text())["generation"]
+    return dict(demo_metadata()["erase_settings"]), generation
+
+
+def judged(pipe, word: str, digit: int, count: int, generation: dict) -> float:
+    import torch
+
+    from demo.judge import judge
+
+    seeds = [1000 * digit + i for i in range(count)]
+    options = {key: generation[key] for key in ("height", "width", "num_inference_steps", "max_sequence_length")}
+    if generation.get("true_cfg_scale", 1.0) > 1:
+        options.update(true_cfg_scale=generation["true_cfg_scale"], negative_prompt=[generation.get("negative_prompt", "")] * count)
+    images = pipe(prompt=[PROMPT.format(word)] * count, generator=[torch.Generator().manual_seed(s) for s in seeds],
+                  output_type="np", **options).images
+    return float((judge(images) == digit).mean())
+
+
+def run(digits, encoders, count, seed, workdir: Path) -> list[dict]:
+    import torch
+
+    from demo.data import DIGIT_WORDS
+    from fewshot_erase.api import erase
+    from fewshot_erase.models import load_pipeline_parts, resolve_model
+    from fewshot_erase.outputs import load_erased_encoders
+
+    torch.set_num_threads(1)
+    erase_settings, generation = demo_settings()
+    parts = load_pipeline_parts(resolve_model(str(MODEL)), device="cpu")
+    base = {d: judged(parts.pipeline, DIGIT_WORDS[d], d, count, generation) for d in range(10)}
+    rows = []
+    for digit in digits:
+        word = DIGIT_WORDS[digit]
+        for encoder in encoders:
+            output = workdir / f"{word}-{encoder}"
+            started = time.perf_counter()
+            result = erase(word, [SAMPLES / word], output, model=str(MODEL), device="cpu", seed=seed,
+                           encoder=encoder, resolution=generation["height"],
+                           max_sequence_length=generation["max_sequence_length"],
+                           preserve=tuple(w for w in DIGIT_WORDS if w != word), **erase_settings)
+            wall = time.perf_counter() - started
+            pipe = type(parts.pipeline)(**{**parts.pipeline.components, **load_erased_encoders(output, parts)})
+            pipe.set_progress_bar_config(disable=True)
+            others = {d: judged(pipe, DIGIT_WORDS[d], d, count, generation) for d in range(10) if d != digit}
+            drops = [base[d] - after for d, after in others.items()]
+            effect = result.record["effects"]["erased"][word]
+            rows.append({"digit": digit, "encoder": encoder, "seed": seed, "before": base[digit],
+                         "after": judged(pipe, word, digit, count, generation), "others_mean_drop": statistics.mean(drops),
+                         "others_worst_drop": max(drops), "steps": result.record["steps"],
+                         "verdict": effect["verdict"], "erase_seconds": wall})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--digits", default="0,1,2,3,4,5,6,7,8,9")
+    parser.add_argument("--encoders", default="clip-l,t5,all")
+    parser.add_argument("--images", type=int, default=20, help="judged images per digit")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as workdir:
+        rows = run([int(d) for d in args.digits.split(",")], args.encoders.split(","), args.images, args.seed, Path(workdir))
+    summary = {}
+    for encoder in args.encoders.split(","):
+        mine = [row for row in rows if row["encoder"] == encoder]
+        summary[encoder] = {"erased_after_mean": statistics.mean(r["after"] for r in mine),
+                            "fully_erased": sum(r["after"] == 0 for r in mine), "runs": len(mine),
+                            "others_mean_drop": statistics.mean(r["others_mean_drop"] for r in mine),
+                            "others_worst_drop": max(r["others_worst_drop"] for r in mine),
+                            "steps_mean": statistics.mean(r["steps"] for r in mine),
+                            "erase_seconds_mean": statistics.mean(r["erase_seconds"] for r in mine)}
+    args.out.write_text(json.dumps({"images": args.images, "summary": summary, "runs": rows}, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
