@@ -2,7 +2,7 @@
 (`fewshot_erase/demo_flux`, demo/FLUX.md) with its six sample pictures, in CLIP-L only, T5 only, or both, with the
 SD 1.x demo's erase settings; judged by the same classifier on images generated with the demo's settings.
 
-    python -m benchmarks.flow_encoders --out benchmarks/results/flow_encoders.json            # ~15 min, one thread
+    python -m benchmarks.flow_encoders --out benchmarks/results/flow_encoders.json            # ~20 min, one thread
     python -m benchmarks.flow_encoders --digits 7 --encoders t5 --images 10 --out /tmp/x.json
 
 Needs the test extra (scikit-learn).
@@ -24,7 +24,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "fewshot_erase" / "demo_flux"
 SAMPLES = REPO / "sample_images"
-PROMPT = "a photo of the digit {}"
+# the word prompt, the numeral prompt (another way to name the digit) and a phrasing no training caption used
+PROMPTS = {"word": "a photo of the digit {w}", "numeral": "a photo of the digit {n}", "heldout": "the numeral {w}"}
 
 
 def demo_settings() -> tuple[dict, dict]:
@@ -36,7 +37,7 @@ def demo_settings() -> tuple[dict, dict]:
     return dict(demo_metadata()["erase_settings"]), generation
 
 
-def judged(pipe, word: str, digit: int, count: int, generation: dict) -> float:
+def judged(pipe, digit: int, count: int, generation: dict, kind: str = "word") -> float:
     import torch
 
     from demo.judge import judge
@@ -45,12 +46,15 @@ def judged(pipe, word: str, digit: int, count: int, generation: dict) -> float:
     options = {key: generation[key] for key in ("height", "width", "num_inference_steps", "max_sequence_length")}
     if generation.get("true_cfg_scale", 1.0) > 1:
         options.update(true_cfg_scale=generation["true_cfg_scale"], negative_prompt=[generation.get("negative_prompt", "")] * count)
-    images = pipe(prompt=[PROMPT.format(word)] * count, generator=[torch.Generator().manual_seed(s) for s in seeds],
+    from demo.data import DIGIT_WORDS
+
+    prompt = PROMPTS[kind].format(w=DIGIT_WORDS[digit], n=digit)
+    images = pipe(prompt=[prompt] * count, generator=[torch.Generator().manual_seed(s) for s in seeds],
                   output_type="np", **options).images
     return float((judge(images) == digit).mean())
 
 
-def run(digits, encoders, count, seed, workdir: Path) -> list[dict]:
+def run(digits, encoders, count, seeds, workdir: Path) -> list[dict]:
     import torch
 
     from demo.data import DIGIT_WORDS
@@ -61,12 +65,13 @@ def run(digits, encoders, count, seed, workdir: Path) -> list[dict]:
     torch.set_num_threads(1)
     erase_settings, generation = demo_settings()
     parts = load_pipeline_parts(resolve_model(str(MODEL)), device="cpu")
-    base = {d: judged(parts.pipeline, DIGIT_WORDS[d], d, count, generation) for d in range(10)}
+    base = {d: judged(parts.pipeline, d, count, generation) for d in range(10)}
+    base_kinds = {d: {kind: judged(parts.pipeline, d, count, generation, kind) for kind in PROMPTS} for d in digits}
     rows = []
     for digit in digits:
         word = DIGIT_WORDS[digit]
-        for encoder in encoders:
-            output = workdir / f"{word}-{encoder}"
+        for encoder, seed in ((e, s) for e in encoders for s in seeds):
+            output = workdir / f"{word}-{encoder}-{seed}"
             started = time.perf_counter()
             result = erase(word, [SAMPLES / word], output, model=str(MODEL), device="cpu", seed=seed,
                            encoder=encoder, resolution=generation["height"],
@@ -75,11 +80,12 @@ def run(digits, encoders, count, seed, workdir: Path) -> list[dict]:
             wall = time.perf_counter() - started
             pipe = type(parts.pipeline)(**{**parts.pipeline.components, **load_erased_encoders(output, parts)})
             pipe.set_progress_bar_config(disable=True)
-            others = {d: judged(pipe, DIGIT_WORDS[d], d, count, generation) for d in range(10) if d != digit}
+            others = {d: judged(pipe, d, count, generation) for d in range(10) if d != digit}
             drops = [base[d] - after for d, after in others.items()]
             effect = result.record["effects"]["erased"][word]
-            rows.append({"digit": digit, "encoder": encoder, "seed": seed, "before": base[digit],
-                         "after": judged(pipe, word, digit, count, generation), "others_mean_drop": statistics.mean(drops),
+            rows.append({"digit": digit, "encoder": encoder, "seed": seed, "before": base_kinds[digit],
+                         "after": {kind: judged(pipe, digit, count, generation, kind) for kind in PROMPTS},
+                         "others_mean_drop": statistics.mean(drops),
                          "others_worst_drop": max(drops), "steps": result.record["steps"],
                          "verdict": effect["verdict"], "erase_seconds": wall})
             print(json.dumps(rows[-1]), flush=True)
@@ -91,16 +97,18 @@ def main(argv=None) -> None:
     parser.add_argument("--digits", default="0,1,2,3,4,5,6,7,8,9")
     parser.add_argument("--encoders", default="clip-l,t5,all")
     parser.add_argument("--images", type=int, default=20, help="judged images per digit")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default="0,1", help="erase seeds")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as workdir:
-        rows = run([int(d) for d in args.digits.split(",")], args.encoders.split(","), args.images, args.seed, Path(workdir))
+        rows = run([int(d) for d in args.digits.split(",")], args.encoders.split(","), args.images,
+                   [int(s) for s in args.seeds.split(",")], Path(workdir))
     summary = {}
     for encoder in args.encoders.split(","):
         mine = [row for row in rows if row["encoder"] == encoder]
-        summary[encoder] = {"erased_after_mean": statistics.mean(r["after"] for r in mine),
-                            "fully_erased": sum(r["after"] == 0 for r in mine), "runs": len(mine),
+        summary[encoder] = {**{f"{kind}_after_mean": statistics.mean(r["after"][kind] for r in mine) for kind in PROMPTS},
+                            "fully_erased_all_prompts": sum(all(v == 0 for v in r["after"].values()) for r in mine),
+                            "runs": len(mine),
                             "others_mean_drop": statistics.mean(r["others_mean_drop"] for r in mine),
                             "others_worst_drop": max(r["others_worst_drop"] for r in mine),
                             "steps_mean": statistics.mean(r["steps"] for r in mine),

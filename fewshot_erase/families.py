@@ -18,7 +18,6 @@ class Family:
     encoders: tuple[str, ...]  # the pipeline's attribute names of its text encoders, in order
     pipeline_class: str
     encoder_names: tuple[str, ...] = ()  # what users call them (`--encoder clip-l`), in the same order
-    default_encoders: tuple[str, ...] = ()  # those an erase trains unless told otherwise (empty: all)
     denoiser: str = "unet"  # the pipeline's attribute of the model the pictures' loss runs through
 
     @property

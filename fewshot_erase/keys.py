@@ -82,11 +82,9 @@ def encoder_choice_ok(encoder: str | None) -> bool:
 
 
 def trained_encoders(family, encoder: str | None) -> list[str]:
-    """The encoders an erase trains: the family's default unless told (SDXL, SD 3.x: all; FLUX.1: see
-    families.py), a single-encoder family its one; names or positions it lacks are refused."""
-    if encoder is None:
-        return list(family.default_encoders or family.encoders)
-    if encoder in ALL_ENCODERS or len(family.encoders) == 1 and encoder in ("1", *family.encoder_names):
+    """The encoders an erase trains: all of them unless told (on the FLUX-layout demo, CLIP alone or T5 alone left
+    digits drawn that both together erased: docs/flow-models.md); names or positions the family lacks are refused."""
+    if encoder is None or encoder in ALL_ENCODERS or len(family.encoders) == 1 and encoder in ("1", *family.encoder_names):
         return list(family.encoders)
     known = family.encoder_numbers
     wrong = [part for part in encoder.split(",") if part not in known]

@@ -23,7 +23,7 @@ from .render import effect_lines, handled, print_json, rich_progress, verdict
 @click.option("--resolution", type=int, help="Training resolution in pixels (default: the model's).")
 @click.option("--train", type=click.Choice(TRAIN_CHOICES), help="Which weights to train (default ffn).")
 @click.option("--encoder", help="Which text encoder(s) to erase in: all, or names/positions such as clip-l,clip-g,t5 or 1,2 "
-                                 "(default: SDXL and SD 3.x all, FLUX.1 t5).")
+                                 "(default all).")
 @click.option("--t5-layers", help="SD 3.x / FLUX.1: the T5 blocks whose feed-forward weights train, e.g. 0-5 or 0,2,4 (default all; fewer need less memory).")
 @click.option("--max-sequence-length", type=int, help="SD 3.x / FLUX.1: T5 tokens per caption, as you generate (default: the pipeline's).")
 @click.option("--concept", "concept_options", multiple=True, metavar="NAME=DIR", help="Erase several concepts in one run (repeatable).")
