@@ -21,37 +21,17 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-MODEL = REPO / "fewshot_erase" / "demo_flux"
-SAMPLES = REPO / "sample_images"
+from demo.measure import FLUX_DEMO as MODEL
+from demo.measure import SAMPLES, flux_demo_settings, judged_flux
+
 # the word prompt, the numeral prompt (another way to name the digit) and a phrasing no training caption used
 PROMPTS = {"word": "a photo of the digit {w}", "numeral": "a photo of the digit {n}", "heldout": "the numeral {w}"}
 
 
-def demo_settings() -> tuple[dict, dict]:
-    """The SD 1.x demo's erase settings (captions, lr, the other digits kept, --until gone) and the FLUX demo's
-    generation settings."""
-    from fewshot_erase.models import demo_metadata
-
-    generation = json.loads((MODEL / "demo.json").read_text())["generation"]
-    return dict(demo_metadata()["erase_settings"]), generation
-
-
 def judged(pipe, digit: int, count: int, generation: dict, kind: str = "word") -> float:
-    import torch
-
-    from demo.judge import judge
-
-    seeds = [1000 * digit + i for i in range(count)]
-    options = {key: generation[key] for key in ("height", "width", "num_inference_steps", "max_sequence_length")}
-    if generation.get("true_cfg_scale", 1.0) > 1:
-        options.update(true_cfg_scale=generation["true_cfg_scale"], negative_prompt=[generation.get("negative_prompt", "")] * count)
     from demo.data import DIGIT_WORDS
 
-    prompt = PROMPTS[kind].format(w=DIGIT_WORDS[digit], n=digit)
-    images = pipe(prompt=[prompt] * count, generator=[torch.Generator().manual_seed(s) for s in seeds],
-                  output_type="np", **options).images
-    return float((judge(images) == digit).mean())
+    return judged_flux(pipe, PROMPTS[kind].format(w=DIGIT_WORDS[digit], n=digit), digit, count, generation)
 
 
 def run(digits, encoders, count, seeds, workdir: Path) -> list[dict]:
@@ -63,7 +43,7 @@ def run(digits, encoders, count, seeds, workdir: Path) -> list[dict]:
     from fewshot_erase.outputs import load_erased_encoders
 
     torch.set_num_threads(1)
-    erase_settings, generation = demo_settings()
+    erase_settings, generation = flux_demo_settings()
     parts = load_pipeline_parts(resolve_model(str(MODEL)), device="cpu")
     base = {d: judged(parts.pipeline, d, count, generation) for d in range(10)}
     base_kinds = {d: {kind: judged(parts.pipeline, d, count, generation, kind) for kind in PROMPTS} for d in digits}
@@ -74,9 +54,7 @@ def run(digits, encoders, count, seeds, workdir: Path) -> list[dict]:
             output = workdir / f"{word}-{encoder}-{seed}"
             started = time.perf_counter()
             result = erase(word, [SAMPLES / word], output, model=str(MODEL), device="cpu", seed=seed,
-                           encoder=encoder, resolution=generation["height"],
-                           max_sequence_length=generation["max_sequence_length"],
-                           preserve=tuple(w for w in DIGIT_WORDS if w != word), **erase_settings)
+                           encoder=encoder, preserve=tuple(w for w in DIGIT_WORDS if w != word), **erase_settings)
             wall = time.perf_counter() - started
             pipe = type(parts.pipeline)(**{**parts.pipeline.components, **load_erased_encoders(output, parts)})
             pipe.set_progress_bar_config(disable=True)

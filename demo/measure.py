@@ -9,6 +9,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "sample_images"
+FLUX_DEMO = REPO / "fewshot_erase" / "demo_flux"  # the FLUX-layout digits model (FLUX.md)
 
 PROMPTS = {"word": "a photo of the digit {w}", "numeral": "a photo of the digit {n}", "heldout": "the numeral {w}"}
 
@@ -89,3 +90,31 @@ def measure(parts, generation, base: dict, erased: list[int], options: dict, see
     report["others_mean_after"] = sum(after) / len(after)
     report["others_worst_drop"] = max(b - a for b, a in zip(before, after))
     return report
+
+
+def flux_demo_settings() -> tuple[dict, dict]:
+    """What an erase of the FLUX-layout demo runs with: the SD 1.x demo's erase settings (captions, lr, the other
+    digits kept, --until gone), at the FLUX demo's size and T5 length; and its generation settings."""
+    import json
+
+    from fewshot_erase.models import demo_metadata
+
+    generation = json.loads((FLUX_DEMO / "demo.json").read_text())["generation"]
+    erase = {**demo_metadata()["erase_settings"], "resolution": generation["height"],
+             "max_sequence_length": generation["max_sequence_length"]}
+    return erase, generation
+
+
+def judged_flux(pipe, prompt: str, digit: int, count: int, generation: dict) -> float:
+    """Share of `count` images (seeds 1000 * digit + i) from the FLUX demo's pipeline that the judge reads as `digit`."""
+    import torch
+
+    from demo.judge import judge
+
+    options = {key: generation[key] for key in ("height", "width", "num_inference_steps", "max_sequence_length")}
+    if generation.get("true_cfg_scale", 1.0) > 1:
+        options.update(true_cfg_scale=generation["true_cfg_scale"], negative_prompt=[generation.get("negative_prompt", "")] * count)
+    seeds = [1000 * digit + i for i in range(count)]
+    images = pipe(prompt=[prompt] * count, generator=[torch.Generator().manual_seed(s) for s in seeds],
+                  output_type="np", **options).images
+    return float((judge(images) == digit).mean())
