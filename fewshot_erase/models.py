@@ -268,6 +268,10 @@ def _load_single_file(path: Path, family: families.Family, config: Path | None, 
     extra = _no_safety_checker(family)
     cls = _pipeline_class(family)
     try:
+        if family is families.FLUX:  # diffusers' converter knows FLUX.1's width only (flux_checkpoint.py)
+            from .flux_checkpoint import load_flux_transformer
+
+            extra["transformer"] = load_flux_transformer(path, config_dir, dtype)
         pipeline = cls.from_single_file(str(path), config=str(config_dir), local_files_only=True,
                                         **{dtype_keyword(): dtype}, **tokenizers, **extra)
         _tie_t5_embeddings(pipeline, family)

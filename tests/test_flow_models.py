@@ -153,7 +153,7 @@ def test_the_conditioning_is_the_pipelines(tiny_flow, family_name):
 
 # --- erase, end to end ------------------------------------------------------------------------------------------
 
-FORMS = [("sd3", "folder"), ("sd3", "hub"), ("sd3", "single-file"), ("flux", "folder"), ("flux", "hub")]
+FORMS = [("sd3", "folder"), ("sd3", "hub"), ("sd3", "single-file"), ("flux", "folder"), ("flux", "hub"), ("flux", "single-file")]
 
 
 @pytest.mark.parametrize("family_name,form", FORMS)
