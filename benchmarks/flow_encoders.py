@@ -21,8 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from demo.measure import FLUX_DEMO as MODEL
-from demo.measure import SAMPLES, flux_demo_settings, judged_flux
+from demo.measure import FLUX_DEMO, SAMPLES, flux_demo_settings, judged_flux
 
 # the word prompt, the numeral prompt (another way to name the digit) and a phrasing no training caption used
 PROMPTS = {"word": "a photo of the digit {w}", "numeral": "a photo of the digit {n}", "heldout": "the numeral {w}"}
@@ -34,7 +33,7 @@ def judged(pipe, digit: int, count: int, generation: dict, kind: str = "word") -
     return judged_flux(pipe, PROMPTS[kind].format(w=DIGIT_WORDS[digit], n=digit), digit, count, generation)
 
 
-def run(digits, encoders, count, seeds, workdir: Path) -> list[dict]:
+def run(digits, encoders, count, seeds, workdir: Path, model: Path = FLUX_DEMO) -> list[dict]:
     import torch
 
     from demo.data import DIGIT_WORDS
@@ -44,7 +43,7 @@ def run(digits, encoders, count, seeds, workdir: Path) -> list[dict]:
 
     torch.set_num_threads(1)
     erase_settings, generation = flux_demo_settings()
-    parts = load_pipeline_parts(resolve_model(str(MODEL)), device="cpu")
+    parts = load_pipeline_parts(resolve_model(str(model)), device="cpu")
     base = {d: judged(parts.pipeline, d, count, generation) for d in range(10)}
     base_kinds = {d: {kind: judged(parts.pipeline, d, count, generation, kind) for kind in PROMPTS} for d in digits}
     rows = []
@@ -53,7 +52,7 @@ def run(digits, encoders, count, seeds, workdir: Path) -> list[dict]:
         for encoder, seed in ((e, s) for e in encoders for s in seeds):
             output = workdir / f"{word}-{encoder}-{seed}"
             started = time.perf_counter()
-            result = erase(word, [SAMPLES / word], output, model=str(MODEL), device="cpu", seed=seed,
+            result = erase(word, [SAMPLES / word], output, model=str(model), device="cpu", seed=seed,
                            encoder=encoder, preserve=tuple(w for w in DIGIT_WORDS if w != word), **erase_settings)
             wall = time.perf_counter() - started
             pipe = type(parts.pipeline)(**{**parts.pipeline.components, **load_erased_encoders(output, parts)})
@@ -77,10 +76,12 @@ def main(argv=None) -> None:
     parser.add_argument("--images", type=int, default=20, help="judged images per digit")
     parser.add_argument("--seeds", default="0,1", help="erase seeds")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--model", type=Path, default=FLUX_DEMO,
+                        help="another FLUX-layout digits model (python -m demo.train_flux --encoder-drop 0.15: both encoders carry the digit)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as workdir:
         rows = run([int(d) for d in args.digits.split(",")], args.encoders.split(","), args.images,
-                   [int(s) for s in args.seeds.split(",")], Path(workdir))
+                   [int(s) for s in args.seeds.split(",")], Path(workdir), args.model)
     summary = {}
     for encoder in args.encoders.split(","):
         mine = [row for row in rows if row["encoder"] == encoder]
@@ -91,7 +92,8 @@ def main(argv=None) -> None:
                             "others_worst_drop": max(r["others_worst_drop"] for r in mine),
                             "steps_mean": statistics.mean(r["steps"] for r in mine),
                             "erase_seconds_mean": statistics.mean(r["erase_seconds"] for r in mine)}
-    args.out.write_text(json.dumps({"images": args.images, "summary": summary, "runs": rows}, indent=2) + "\n")
+    args.out.write_text(json.dumps({"model": str(args.model), "images": args.images, "summary": summary, "runs": rows},
+                                   indent=2) + "\n")
     print(json.dumps(summary, indent=2))
 
 

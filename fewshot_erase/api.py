@@ -214,6 +214,7 @@ def erase_concepts(
             "kind": source.kind,
             "family": parts.family.name,
             "text_encoders": base_hashes,
+            "config": str(Path(config).absolute()) if config else None,  # a single file's configs and tokenizers
         },
         "base_fingerprints": base_fingerprints,
         "trained_tensors": {name: sorted(group) for name, group in result.trained.items()},

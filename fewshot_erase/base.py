@@ -4,6 +4,7 @@ fp16 file of the model erased in fp32 is the same base."""
 
 from __future__ import annotations
 
+from pathlib import Path
 
 from . import checkpoint_layouts as layouts
 from . import families, safetensors_file
@@ -77,16 +78,20 @@ def refuse_other_base(patch: Patch, differing: list[str], where: str, fix: str) 
                        f"{len(differing)} of {patch.count} feed-forward tensors differ ({shown}); {fix}")
 
 
-def base_tensors(patch: Patch, model: str | None) -> dict:
-    """The base model's originals of the tensors the patch changes, checked against the erase's fingerprints."""
+def base_path(patch: Patch, model: str | None) -> tuple[Path, str]:
+    """Where the base model is on disk (a Hub id's cached snapshot), and how to name it in a message."""
     from .models import download_from_hub, resolve_model
 
     reference = model or patch.record["base"]["model"]
     source = resolve_model(None if model is None and patch.record["base"]["kind"] == "demo" else reference)
     if source.kind == "pickle":
         raise BadInput(f"the base model {reference} is a pickle checkpoint; pass --model with a .safetensors copy of it")
-    path = download_from_hub(reference) if source.kind == "hub" else source.path
-    where = f"base model {source.description}"
+    return (download_from_hub(reference) if source.kind == "hub" else source.path), f"base model {source.description}"
+
+
+def base_tensors(patch: Patch, model: str | None) -> dict:
+    """The base model's originals of the tensors the patch changes, checked against the erase's fingerprints."""
+    path, where = base_path(patch, model)
     family, files = model_files(path, where)
     check_family(patch, family, where)
     refuse_other_base(patch, mismatches(patch, files, where), where, "pass --model with the model the erase was made from")

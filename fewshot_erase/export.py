@@ -7,7 +7,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from .base import base_tensors
+from .base import base_path, base_tensors
 from .errors import BadInput, EraseWarning, python_terms
 from .patch import ERASE_OUTPUT, read_patch
 from .record import stable_part
@@ -53,13 +53,26 @@ def export(output, fmt: str, target, *, rank: int | None = None, model: str | No
         if fmt == "delta":
             report = delta.write_delta(staging, differences, record)
         else:
-            report = lora.write_lora(staging, fmt, patch, base, differences, rank, record)
+            report = lora.write_lora(staging, fmt, patch, base, differences, rank, record, tokenizers_in(patch, model))
     if report.get("effect_error", 0.0) > lora.TOLERANCE:
         missed = f"the LoRA misses {report['effect_error']:.1%} of the erase's effect on the erased prompts' embeddings"
         fix = (" (kohya's keys cannot carry the bias changes); export lora-diffusers or delta to keep them, or raise --rank"
                if report["biases"] == "left out" else "; raise --rank")
         warnings.warn(missed + fix, EraseWarning, stacklevel=2)
     return ExportResult(target, report)
+
+
+def tokenizers_in(patch, model: str | None) -> Path | None:
+    """Where the base's tokenizers are, for a LoRA's check on SD 3.x / FLUX.1 (T5's is in no checkpoint): its
+    diffusers folder, or the --config folder a single file was erased with."""
+    if not patch.family.flow_matching:
+        return None
+    path, where = base_path(patch, model)
+    folder = path if path.is_dir() else patch.record["base"].get("config")
+    if folder is None:
+        raise BadInput(f"a LoRA of a {patch.family.label} erase is checked with the base's tokenizers, and {where} is a single "
+                       "file erased without --config; pass --model with the model's diffusers folder")
+    return Path(folder)
 
 
 def _export_drop_in(output: Path, target: Path, overwrite: bool) -> ExportResult:

@@ -320,10 +320,25 @@ def test_an_fp8_t5_is_not_patched(erased_sd3, tmp_path):
     assert not (tmp_path / "patched.safetensors").exists() and fp8.read_bytes() == original
 
 
-def test_a_lora_of_a_flow_erase_is_refused_with_the_alternatives(erased_sd3, tmp_path):
+def test_a_kohya_lora_carries_t5_and_apply_adds_it(erased_sd3, tmp_path):
+    tiny, output = erased_sd3
+    result = run_cli("export", output, "--format", "lora-kohya", "--rank", 2, "-o", tmp_path / "lora.safetensors")
+    assert result.exit_code == 0, result.output
+    lora = load_file(str(tmp_path / "lora.safetensors"))
+    module = "lora_te3_encoder_block_0_layer_1_DenseReluDense_wi_0"  # kohya's and ComfyUI's T5 names
+    assert {f"{module}.lora_down.weight", f"{module}.lora_up.weight", f"{module}.alpha"} <= set(lora)
+    assert any(key.startswith("lora_te2_text_model_encoder_layers_0_mlp_fc1") for key in lora)
+    assert run_cli("apply", tmp_path / "lora.safetensors", tiny.single_file, "-o", tmp_path / "patched.safetensors").exit_code == 0
+    before, after = load_file(str(tiny.single_file)), load_file(str(tmp_path / "patched.safetensors"))
+    key = "text_encoders.t5xxl.transformer.encoder.block.0.layer.1.DenseReluDense.wi_0.weight"
+    added = lora[f"{module}.lora_up.weight"].float() @ lora[f"{module}.lora_down.weight"].float()
+    assert torch.allclose(after[key], before[key] + added, atol=1e-6)
+
+
+def test_a_diffusers_lora_of_a_flow_erase_is_refused_with_the_alternatives(erased_sd3, tmp_path):
     _, output = erased_sd3
-    result = run_cli("export", output, "--format", "lora-kohya", "-o", tmp_path / "l.safetensors")
-    assert result.exit_code == 2 and "--format delta" in result.output and not (tmp_path / "l.safetensors").exists()
+    result = run_cli("export", output, "--format", "lora-diffusers", "-o", tmp_path / "l.safetensors")
+    assert result.exit_code == 2 and "lora-kohya" in result.output and not (tmp_path / "l.safetensors").exists()
 
 
 def test_the_flow_pictures_encode_as_flux_packs_them(tiny_flow, flow_pictures):

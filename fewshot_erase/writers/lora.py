@@ -15,6 +15,7 @@ The reported errors say what leaving them out costs.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from .. import safetensors_file
 from ..errors import BadInput
@@ -31,8 +32,15 @@ KOHYA_PREFIXES = {
     "sd1": {"text_encoder": "lora_te_"},
     "sd2": {"text_encoder": "lora_te_"},
     "sdxl": {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"},
+    # kohya's sd-scripts and ComfyUI: CLIP-L te1, CLIP-G te2, T5 te3 (FLUX.1 too, which has no CLIP-G)
+    "sd3": {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_", "text_encoder_3": "lora_te3_"},
+    "flux": {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te3_"},
 }
-ENCODER_CLASSES = {"text_encoder": "CLIPTextModel", "text_encoder_2": "CLIPTextModelWithProjection"}
+ENCODER_CLASSES = {
+    "sd1": ("CLIPTextModel",), "sd2": ("CLIPTextModel",), "sdxl": ("CLIPTextModel", "CLIPTextModelWithProjection"),
+    "sd3": ("CLIPTextModelWithProjection", "CLIPTextModelWithProjection", "T5EncoderModel"),
+    "flux": ("CLIPTextModel", "T5EncoderModel"),
+}
 
 
 def lora_keys(flavour: str, family: str, encoder: str, module: str) -> dict[str, str]:
@@ -59,18 +67,19 @@ def _relative(error, reference) -> float:
     return error.norm().item() / size if size > 0 else 0.0
 
 
-def write_lora(path, flavour: str, patch, base: dict, differences: dict, rank: int | None, record: dict) -> dict:
+def write_lora(path, flavour: str, patch, base: dict, differences: dict, rank: int | None, record: dict,
+               tokenizers=None) -> dict:
     """Write the file at `rank` (None: the smallest of AUTO_RANKS within TOLERANCE); return the report (also stored
     in the record): the rank used, each layer's relative reconstruction error and the effect on the erased prompts'
-    embeddings against the full patch."""
-    if patch.family.name not in KOHYA_PREFIXES:
-        raise BadInput(f"a LoRA of a {patch.family.label} erase is not written yet (diffusers' {patch.family.label} LoRA loader "
-                       "takes no T5 weights); export --format delta for apply, or drop-in for ComfyUI and Forge")
+    embeddings against the full patch. `tokenizers`: SD 3.x / FLUX.1, the folder holding the base's."""
+    if patch.family.flow_matching and flavour == "lora-diffusers":
+        raise BadInput(f"diffusers' {patch.family.label} LoRA loader takes no T5 weights, so a lora-diffusers file cannot carry this "
+                       "erase; export lora-kohya (ComfyUI, Forge), delta (apply) or drop-in")
     full_rank = max(min(d.shape) for changes in differences.values() for d in changes.values() if d.dim() == 2)
     tried = [rank] if rank else [r for r in AUTO_RANKS if r < full_rank] + [full_rank]
     for candidate in tried:
         tensors, layers, approximate = low_rank(flavour, patch, differences, candidate)
-        errors = embedding_errors(patch, base, differences, approximate)
+        errors = embedding_errors(patch, base, differences, approximate, tokenizers)
         if errors["effect_error"] <= TOLERANCE:
             break
     report = {"format": flavour, "rank": min(candidate, full_rank), "rank_asked": rank if rank else "auto", "dtype": "float16",
@@ -134,25 +143,26 @@ def erased_prompts(record: dict) -> list[str]:
     return [fill(template, concept["concept"]) for concept in record["concepts"] for template in concept["templates"]]
 
 
-def embedding_errors(patch, base: dict, full: dict, approximate: dict) -> dict:
+def embedding_errors(patch, base: dict, full: dict, approximate: dict, tokenizers=None) -> dict:
     """How far the LoRA leaves the erased prompts' conditioning from where the full patch puts it, relative to
     that conditioning (`embedding_error`) and to how far the full patch moved it from the base's (`effect_error`,
     the share of the erase's effect that the LoRA misses: the stricter one whenever an erase moves the embeddings
     only a little)."""
-    pipeline = text_only_pipeline(patch.source, patch.family)
+    pipeline = text_only_pipeline(patch.source, patch.family, tokenizers)
     prompts = erased_prompts(patch.record)
+    length = patch.record.get("settings", {}).get("max_sequence_length")
     embeddings = {}
     for variant, changes in (("base", {}), ("full", full), ("lora", approximate)):
         _set_feed_forward(pipeline, base, changes)
-        embeddings[variant] = conditioning(pipeline, patch.family, prompts)
+        embeddings[variant] = conditioning(pipeline, patch.family, prompts, length)
     missed = embeddings["lora"] - embeddings["full"]
     return {"embedding_error": _relative(missed, embeddings["full"]),
             "effect_error": _relative(missed, embeddings["full"] - embeddings["base"]), "prompts": len(prompts)}
 
 
-def text_only_pipeline(output, family):
-    """The family's pipeline with only the erase output's text encoders and their tokenizers: its
-    `encode_prompt` builds the UNet's conditioning exactly as generation does."""
+def text_only_pipeline(output, family, tokenizers=None):
+    """The family's pipeline with only the erase output's text encoders and their tokenizers (SD 3.x / FLUX.1: the
+    base's, from `tokenizers`): its `encode_prompt` builds the conditioning exactly as generation does."""
     import diffusers
     import transformers
 
@@ -160,32 +170,49 @@ def text_only_pipeline(output, family):
     from .text_encoder import encoder_folder
 
     quiet_libraries()
-    parts = family_tokenizers(family)
-    for encoder in family.encoders:
-        cls = getattr(transformers, ENCODER_CLASSES[encoder])
-        parts[encoder] = cls.from_pretrained(str(encoder_folder(output, family, encoder))).eval()
-    extra = {} if family is SDXL else {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
-    return getattr(diffusers, family.pipeline_class)(vae=None, unet=None, scheduler=None, **parts, **extra)
+    if family.flow_matching:
+        names = ["tokenizer", "tokenizer_2", "tokenizer_3"][: len(family.encoders)]
+        parts = {name: transformers.AutoTokenizer.from_pretrained(str(Path(tokenizers) / name)) for name in names}
+        extra = {"transformer": None}
+    else:
+        parts = family_tokenizers(family)
+        extra = {"unet": None} if family is SDXL else {"unet": None, "safety_checker": None, "feature_extractor": None,
+                                                       "requires_safety_checker": False}
+    for encoder, class_name in zip(family.encoders, ENCODER_CLASSES[family.name]):
+        parts[encoder] = getattr(transformers, class_name).from_pretrained(str(encoder_folder(output, family, encoder))).eval()
+    return getattr(diffusers, family.pipeline_class)(vae=None, scheduler=None, **parts, **extra)
 
 
 def _set_feed_forward(pipeline, base: dict, changes: dict) -> None:
     import torch
 
-    from ..keys import canonical_clip_key
+    from ..keys import canonical_key, encoder_kind
 
     with torch.no_grad():
         for encoder, originals in base.items():
-            parameters = {canonical_clip_key(n): p for n, p in getattr(pipeline, encoder).named_parameters()}
+            module = getattr(pipeline, encoder)
+            parameters = {canonical_key(encoder_kind(module), n): p for n, p in module.named_parameters()}
             for name, original in originals.items():
                 change = changes.get(encoder, {}).get(name)
                 parameters[name].copy_(original.float() + change if change is not None else original.float())
 
 
-def conditioning(pipeline, family, prompts: list[str]):
-    """The UNet's conditioning for `prompts`, flattened: SDXL's includes the pooled embedding."""
+def conditioning(pipeline, family, prompts: list[str], sequence_length: int | None = None):
+    """The denoiser's conditioning for `prompts`, flattened: SDXL's, SD 3.x's and FLUX.1's include the pooled
+    embedding."""
     import torch
 
+    from ..conditioning import SEQUENCE_LENGTH
+
     with torch.no_grad():
+        if family.flow_matching:
+            length = sequence_length or SEQUENCE_LENGTH[family.name]
+            if family.name == "sd3":
+                embeds, _, pooled, _ = pipeline.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None, device="cpu",
+                                                              do_classifier_free_guidance=False, max_sequence_length=length)
+            else:
+                embeds, pooled, _ = pipeline.encode_prompt(prompt=prompts, prompt_2=None, device="cpu", max_sequence_length=length)
+            return torch.cat([embeds.flatten(), pooled.flatten()])
         if family is SDXL:
             embeds, _, pooled, _ = pipeline.encode_prompt(prompt=prompts, device="cpu", num_images_per_prompt=1,
                                                           do_classifier_free_guidance=False)
