@@ -82,8 +82,8 @@ def encoder_choice_ok(encoder: str | None) -> bool:
 
 
 def trained_encoders(family, encoder: str | None) -> list[str]:
-    """The encoders an erase trains: all of them unless told (on the FLUX-layout demo, CLIP alone or T5 alone left
-    digits drawn that both together erased: docs/flow-models.md); names or positions the family lacks are refused."""
+    """The encoders an erase trains: all of them unless told (on FLUX-layout demos CLIP alone is far from enough, T5
+    alone and both tie, and both leave no encoder untouched: docs/flow-models.md); names the family lacks are refused."""
     if encoder is None or encoder in ALL_ENCODERS or len(family.encoders) == 1 and encoder in ("1", *family.encoder_names):
         return list(family.encoders)
     known = family.encoder_numbers
