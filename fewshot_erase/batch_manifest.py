@@ -366,8 +366,9 @@ def _export(place: _Place, paths: _Paths, item: _Located) -> FollowUp:
     if rank is not None and not (_fits(rank, int) and rank >= 1):
         raise place.problem(item, "rank", f"must be a whole number of at least 1, got {rank!r}")
     output = paths.path(item, "output")
-    if output.suffix.lower() != ".safetensors":
-        raise place.problem(item, "output", f"the export file {item['output']} must end in .safetensors")
+    if (output.suffix.lower() == ".safetensors") == (item["format"] == "drop-in"):
+        raise place.problem(item, "output", f"the export {'folder' if item['format'] == 'drop-in' else 'file'} "
+                                            f"{item['output']} must {'not ' if item['format'] == 'drop-in' else ''}end in .safetensors")
     model = paths.model(item, "model") if item.get("model") is not None else None
     return FollowUp("export", output, {"fmt": item["format"], "rank": rank, "model": model})
 

@@ -375,3 +375,26 @@ def test_the_flux_layout_demo_forgets_seven_in_both_encoders_and_keeps_the_other
     pipe = type(parts.pipeline)(**{**parts.pipeline.components, **load_erased_encoders(tmp_path / "out", parts)})
     assert judged_flux(pipe, prompt("seven"), 7, 10, generation) <= 0.2  # 1 of 10 here (benchmark: 5% of 20)
     assert sum(judged_flux(pipe, prompt(words[d]), d, 10, generation) for d in (1, 4, 9)) / 3 >= 0.9
+
+
+def test_a_batch_job_erases_in_t5_blocks_and_exports_drop_in_files(tiny_flow, flow_pictures, tmp_path):
+    manifest = tmp_path / "jobs.yaml"
+    manifest.write_text(f"""jobs:
+  - concept: robot
+    images: {flow_pictures}
+    model: {tiny_flow("flux").folder}
+    output: {tmp_path / "out"}
+    steps: 2
+    resolution: 8
+    max_sequence_length: {LENGTH}
+    encoder: t5
+    t5_layers: [1]
+    export:
+      - format: drop-in
+        output: {tmp_path / "comfy"}
+""")
+    result = run_cli("batch", manifest)
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "out" / "erase.json").read_text())
+    assert record["settings"]["t5_layers"] == [1] and not record["trained_tensors"]["text_encoder"]
+    assert [p.name for p in (tmp_path / "comfy").iterdir()] == ["t5xxl_fp16.safetensors"]
