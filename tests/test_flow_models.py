@@ -398,3 +398,13 @@ def test_a_batch_job_erases_in_t5_blocks_and_exports_drop_in_files(tiny_flow, fl
     record = json.loads((tmp_path / "out" / "erase.json").read_text())
     assert record["settings"]["t5_layers"] == [1] and not record["trained_tensors"]["text_encoder"]
     assert [p.name for p in (tmp_path / "comfy").iterdir()] == ["t5xxl_fp16.safetensors"]
+
+
+def test_an_integer_quantised_t5_cannot_be_trained(tiny_flow, flow_pictures, tmp_path):
+    tiny = tiny_flow("sd3")
+    tensors = load_file(str(tiny.single_file))
+    quantised = tmp_path / "sd3_int8_t5.safetensors"
+    save_file({k: v.to(torch.int8) if "DenseReluDense" in k else v for k, v in tensors.items()}, str(quantised))
+    result = run_cli("erase", "robot", flow_pictures, "-o", tmp_path / "out", "--model", quantised, "--config", tiny.config_dir)
+    assert result.exit_code == 2 and "I8" in result.output and "cannot be trained" in result.output
+    assert not (tmp_path / "out").exists()
