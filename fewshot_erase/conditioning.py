@@ -16,6 +16,8 @@ from .families import FLUX, SD3, SDXL
 SHARED = ("txt_ids", "img_ids")
 # The pipelines' own default T5 length, where `encode_prompt` has one (what `max_sequence_length` defaults to).
 SEQUENCE_LENGTH = {"sd3": 256, "flux": 512}
+# What diffusers' FLUX training scripts feed a guidance-distilled model (FLUX.1 [dev]) while training.
+FLUX_GUIDANCE = 3.5
 
 
 def denoiser_of(pipeline):
@@ -66,9 +68,6 @@ def conditioning(pipeline, family, captions: list[str], resolution: int, dtype, 
     embeds = pipeline.text_encoder(ids.to(device), attention_mask=mask.to(device) if use_mask else None)[0]
     return {"encoder_hidden_states": embeds.to(dtype)}
 
-
-# What diffusers' FLUX training scripts feed a guidance-distilled model (FLUX.1 [dev]) while training.
-FLUX_GUIDANCE = 3.5
 
 _TOKENS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # tokenizer -> caption -> (ids, attention mask)
 
