@@ -232,7 +232,8 @@ class Estimate:
 
     @property
     def overhead(self) -> float:
-        """Loop FLOPs over the floor's: the bare UNet forward and backward on the same pictures."""
+        """Loop FLOPs over the floor's: the bare denoiser (UNet or transformer) forward and backward on the same
+        pictures."""
         return self.loop_flops_per_step / self.flops["floor"]
 
     @property

@@ -21,7 +21,7 @@ from .render import handled, print_json
 @click.option("--json", "as_json", is_flag=True, help="Print the estimates as JSON on stdout.")
 def memory_command(family_names, resolution, preset, low_memory, dtype, encoder, t5_layers, max_sequence_length, as_json):
     """Will an erase fit on my GPU? Runs the real erase on fake tensors (no GPU, no weights, no memory): peak GPU
-    memory by kind, FLOPs per step against the bare UNet's, and predicted times on a few cards."""
+    memory by kind, FLOPs per step against the bare denoiser's, and predicted times on a few cards."""
     with handled():
         from .. import gpu_memory
         from ..settings import parse_layers
@@ -45,6 +45,6 @@ def memory_command(family_names, resolution, preset, low_memory, dtype, encoder,
         click.echo(f"{result['family']} at {result['resolution']} px ({result['preset']}{mode}, {result['dtype']}): "
                    f"peak {result['peak_gib']:.2f} GiB ({kinds}); while encoding {result['encode_peak_gib']:.2f} GiB")
         click.echo(f"  fits (with {result['context_gib_allowed']} GiB for the CUDA context): {fits}")
-        click.echo(f"  a step {result['tflops']['step']:.2f} TFLOPs, {result['loop_over_floor']:.2f}x the bare UNet's; "
+        click.echo(f"  a step {result['tflops']['step']:.2f} TFLOPs, {result['loop_over_floor']:.2f}x the bare denoiser's; "
                    f"predicted for the {result['published_schedule_steps']}-step schedule "
                    f"(at {result['utilisation_assumed']:.0%} of peak): {times}")
