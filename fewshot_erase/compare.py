@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .errors import BadInput, python_terms
@@ -19,6 +19,8 @@ LABEL_SIZE = 16
 class GenerationSettings:
     guidance_scale: float
     steps: int
+    size: int | None = None  # None: the pipeline's own (FLUX's default is its largest, so its erases pass theirs)
+    sequence_length: int | None = None  # SD 3.x / FLUX.1: T5's, as the erase used
 
 
 def generation_settings(source, guidance_scale: float | None, steps: int | None) -> GenerationSettings:
@@ -34,8 +36,10 @@ def generate(pipe, prompt: str, seeds: list[int], settings: GenerationSettings, 
     import torch
 
     generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
+    extra = ({"height": settings.size, "width": settings.size} if settings.size else {}) | (
+        {"max_sequence_length": settings.sequence_length} if settings.sequence_length else {})
     return pipe(prompt=[prompt] * len(seeds), generator=generators, guidance_scale=settings.guidance_scale,
-                num_inference_steps=settings.steps, output_type="pil").images
+                num_inference_steps=settings.steps, output_type="pil", **extra).images
 
 
 def default_prompts(record: dict) -> list[str]:
@@ -89,6 +93,9 @@ def compare(output: str | Path, prompts: list[str] | None, grid_path: str | Path
         erased = type(base)(**{**base.components, **load_erased_encoders(Path(output), parts)})
         erased.set_progress_bar_config(disable=True)
     settings = generation_settings(source, guidance_scale, steps)
+    if parts.family.flow_matching:  # at the size and T5 length the erase was made for
+        settings = replace(settings, size=record["settings"].get("resolution"),
+                           sequence_length=record["settings"].get("max_sequence_length"))
     rows = []
     with progress.phase("generating", total=2 * len(prompts)) as advance:
         for prompt in prompts:

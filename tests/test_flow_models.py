@@ -408,3 +408,22 @@ def test_an_integer_quantised_t5_cannot_be_trained(tiny_flow, flow_pictures, tmp
     result = run_cli("erase", "robot", flow_pictures, "-o", tmp_path / "out", "--model", quantised, "--config", tiny.config_dir)
     assert result.exit_code == 2 and "I8" in result.output and "cannot be trained" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_compare_generates_at_the_size_and_t5_length_the_erase_used(tiny_flow, flow_pictures, tmp_path, monkeypatch):
+    from diffusers import FluxPipeline
+
+    from fewshot_erase.compare import compare
+
+    tiny = tiny_flow("flux")
+    erase("robot", [flow_pictures], tmp_path / "out", model=str(tiny.folder), steps=1, max_sequence_length=LENGTH, **SIZE)
+    asked = []
+    original = FluxPipeline.__call__
+
+    def recording(self, *args, **kwargs):
+        asked.append((kwargs.get("height"), kwargs.get("max_sequence_length")))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(FluxPipeline, "__call__", recording)
+    compare(tmp_path / "out", ["a robot"], tmp_path / "grid.png", images=1, steps=2)
+    assert (tmp_path / "grid.png").is_file() and asked == [(8, LENGTH), (8, LENGTH)]  # not FLUX's default 256 px
