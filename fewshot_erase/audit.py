@@ -45,6 +45,9 @@ class AuditResult:
     record: dict
 
 
+FLOW_FAMILIES = ("sd3", "flux")
+
+
 def chosen_attacks(attacks: Sequence[str] | None) -> tuple[str, ...]:
     chosen = tuple(dict.fromkeys(attacks or ATTACKS))
     for name in chosen:
@@ -299,15 +302,17 @@ def audit(output: str | Path, images: Sequence[str | Path] | None = None, *, att
 
     progress = progress or Progress()
     started = time.perf_counter()
-    chosen = chosen_attacks(attacks)
+    output = Path(output)
+    record = read_record(output)
+    # SD 3.x / FLUX.1: the learned-embedding attacks would need T5's own tokens (another vocabulary), not yet written
+    flow = record["base"]["family"] in FLOW_FAMILIES
+    chosen = chosen_attacks(attacks or (("prompts",) if flow else None))
+    if flow and set(chosen) - {"prompts"}:
+        raise BadInput(f"on an SD 3.x or FLUX.1 erase audit runs the prompts attack only (the soft prompt, hard prompt and "
+                       "inversion learn CLIP token embeddings, and T5 reads another vocabulary); pass --attack prompts")
     counts = budgets(chosen, budget)
     if judge_images < 1:
         raise BadInput(f"--judge-images must be at least 1, got {judge_images}")
-    output = Path(output)
-    record = read_record(output)
-    if record["base"]["family"] in ("sd3", "flux"):
-        raise BadInput(f"{output} is an erase of an SD 3.x or FLUX.1 model, which audit does not attack yet: its attacks "
-                       "learn CLIP token embeddings, and T5 reads another vocabulary; audit SD 1.x, 2.x and SDXL erases")
     index, entry = concept_entry(record, concept)
     user_prompts = tuple(prompts) + (read_list_file(prompt_file, "prompt file") if prompt_file else ())
     loaded = read_pictures(record, index, images)

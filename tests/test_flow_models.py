@@ -3,6 +3,7 @@ cache or an all-in-one file; the loss as diffusers' own training scripts compute
 ComfyUI and Forge load; `apply` into all-in-one checkpoints. Tiny random pipelines of the real architectures."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -350,10 +351,16 @@ def test_the_flow_pictures_encode_as_flux_packs_them(tiny_flow, flow_pictures):
     assert torch.equal(packed, tiny.pipe._pack_latents(plain, len(loaded), 16, 4, 4))
 
 
-def test_audit_says_it_does_not_attack_flow_erases_yet(erased_sd3):
+def test_audit_of_a_flow_erase_runs_the_prompts_attack_and_refuses_the_embedding_ones(erased_sd3, tmp_path):
     _, output = erased_sd3
-    result = run_cli("audit", output)
-    assert result.exit_code == 2 and "audit does not attack yet" in result.output and not (output / "audit.json").exists()
+    audited = tmp_path / "audited"
+    shutil.copytree(output, audited)
+    result = run_cli("audit", audited, "--attack", "soft")
+    assert result.exit_code == 2 and "--attack prompts" in result.output and not (audited / "audit.json").exists()
+    result = run_cli("audit", audited, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads((audited / "audit.json").read_text())
+    assert list(report["attacks"]) == ["prompts"]
 
 
 @pytest.mark.slow
