@@ -19,7 +19,7 @@ from .concepts import COMMON_CONCEPTS, ConceptSpec, automatic_preserve, check_sp
 from .errors import BadInput, EraseWarning, RunFailure, python_terms
 from .families import FLUX
 from .keys import trained_encoders
-from .models import (PICKLE_SUFFIXES, KeptModel, import_libraries, known_family, load_pipeline_parts, resolve_device,
+from .models import (PICKLE_SUFFIXES, KeptModel, import_libraries, load_pipeline_parts, resolve_device,
                      resolve_model)
 from .base import base_identity
 from .placement import encoders_held
@@ -136,8 +136,8 @@ def erase_concepts(
     settings = with_implied(settings, recommended)
     run_settings = EraseSettings(concept=", ".join(s.concept for s in specs), **{**recommended, **settings})
     check_output_is_a_folder(Path(output))
-    if (family := known_family(source)) is not None:
-        check_family_settings(family, run_settings)  # now, before the pictures are read and the model loaded
+    if source.family is not None:
+        check_family_settings(source.family, run_settings)  # now, before the pictures are read and the model loaded
     if run_settings.device != "auto":
         resolve_device(run_settings.device)  # a GPU asked for and absent fails now, not after the model has loaded
     image_paths = [image_io.find_image_files(spec.images) for spec in specs]
@@ -300,8 +300,7 @@ def _erase_between_snapshots(parts, targets, watched, run_settings, progress, ti
 
 def check_family_settings(family, settings: EraseSettings) -> None:
     """Choices that only some families have, refused where the model lacks them (before any work)."""
-    kinds = dict(zip(family.encoders, family.encoder_names))
-    chosen = [kinds[name] for name in trained_encoders(family, settings.encoder)]
+    chosen = [family.kinds[name] for name in trained_encoders(family, settings.encoder)]
     if "t5" not in family.encoder_names and (settings.t5_layers is not None or settings.max_sequence_length is not None):
         raise BadInput(f"--t5-layers and --max-sequence-length are T5's, and {family.label} has no T5; leave them out")
     if settings.t5_layers is not None and "t5" not in chosen:

@@ -23,7 +23,12 @@ class Family:
     @property
     def encoder_numbers(self) -> dict[str, str]:
         """`--encoder 1|2|3` names the encoders by position, as SDXL users know them; `clip-l`, `t5` by kind."""
-        return {**{str(i + 1): name for i, name in enumerate(self.encoders)}, **dict(zip(self.encoder_names, self.encoders))}
+        return {**{str(i + 1): name for i, name in enumerate(self.encoders)}, **{kind: name for name, kind in self.kinds.items()}}
+
+    @property
+    def kinds(self) -> dict[str, str]:
+        """Each encoder's pipeline attribute -> what users call it (`text_encoder_3` -> `t5`)."""
+        return dict(zip(self.encoders, self.encoder_names))
 
     @property
     def flow_matching(self) -> bool:
@@ -67,7 +72,7 @@ def family_from_configs(model_index: dict, text_encoder_config: dict | None, whe
 
 def _without(family: Family, name: str) -> str:
     """What a missing encoder is, for the message (SD 3.x is often shared without its T5)."""
-    kind = dict(zip(family.encoders, family.encoder_names)).get(name, "")
+    kind = family.kinds.get(name, "")
     return f" ({kind.upper()})" if kind and len(family.encoders) > 1 else ""
 
 

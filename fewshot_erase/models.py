@@ -31,6 +31,7 @@ class ModelSource:
     recommended: dict = field(default_factory=dict)  # erase settings the model ships with (the demo does)
     generation: dict = field(default_factory=dict)  # guidance scale and steps it was measured to generate well at
     concepts: tuple[str, ...] = ()  # what the model knows, where it says so (the demo's digits)
+    family: families.Family | None = None  # known before loading for a model on disk (a Hub id's once fetched)
 
     @property
     def description(self) -> str:
@@ -49,18 +50,16 @@ def resolve_model(model: str | None) -> ModelSource:
         shipped = demo_metadata()
         generation = {key: shipped[key] for key in ("guidance_scale", "num_inference_steps") if key in shipped}
         return ModelSource("demo", "demo", DEMO_DIR, shipped.get("erase_settings", {}), generation,
-                           tuple(shipped.get("concepts", ())))
+                           tuple(shipped.get("concepts", ())), family_of_folder(DEMO_DIR, "the embedded demo model"))
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise BadInput(f"{path} is not a diffusers pipeline folder (no model_index.json); pass a pipeline folder, a Hub id or a .safetensors checkpoint")
-        family_of_folder(path, model)  # only to fail now, before pictures are read and libraries imported
-        return ModelSource("folder", model, path)
+        return ModelSource("folder", model, path, family=family_of_folder(path, model))  # fails now, before any work
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix == ".safetensors":
-            single_file_family(path, model)  # only to fail now, before pictures are read and libraries imported
-            return ModelSource("single-file", model, path)
+            return ModelSource("single-file", model, path, family=single_file_family(path, model))  # fails now
         if suffix in PICKLE_SUFFIXES:
             return ModelSource("pickle", model, path)
         raise BadInput(f"{path} is not a model this tool reads; pass a diffusers folder, a Hub id or a .safetensors checkpoint")
@@ -76,16 +75,6 @@ def _read_json(path: Path, what: str) -> dict:
         return {}
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise BadInput(f"{what} {path} cannot be read ({error}); the pipeline folder is damaged") from None
-
-
-def known_family(source: ModelSource) -> families.Family | None:
-    """The family of a model already on disk, from its configs or header alone (a Hub id's, only once fetched)."""
-    if source.kind in ("demo", "folder"):
-        return family_of_folder(source.path, source.description)
-    if source.kind == "single-file":
-        return families.family_from_keys(safetensors_file.tensor_names(safetensors_file.read_header(source.path)),
-                                         source.reference)
-    return None
 
 
 def family_of_folder(path: Path, where: str) -> families.Family:
@@ -325,16 +314,16 @@ def load_pipeline_parts(source: ModelSource, *, device: str = "auto", dtype: str
     quiet_libraries()
     with tempfile.TemporaryDirectory(prefix="fewshot-erase-") as workdir:
         if source.kind in ("demo", "folder"):
-            family = family_of_folder(source.path, source.description)
+            family = source.family or family_of_folder(source.path, source.description)
             pipeline = _load_folder(source.path, family, torch_dtype)
         elif source.kind == "hub":
             path = download_from_hub(source.reference)
             family = family_of_folder(path, source.reference)
-            source = ModelSource("hub", source.reference, path)
+            source = ModelSource("hub", source.reference, path, family=family)
             pipeline = _load_folder(path, family, torch_dtype)
         else:
             path = pickle_to_safetensors(source.path, Path(workdir)) if source.kind == "pickle" else source.path
-            family = single_file_family(path, source.reference)
+            family = source.family or single_file_family(path, source.reference)  # a pickle's: once converted
             pipeline = _load_single_file(path, family, config, torch_dtype)
     pipeline.set_progress_bar_config(disable=True)
     # Trainable weights stay in fp32 whatever the frozen parts compute in.

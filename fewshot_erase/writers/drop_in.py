@@ -18,7 +18,7 @@ FILE_NAMES = {"clip-l": "clip_l.safetensors", "clip-g": "clip_g.safetensors", "t
 def drop_in_names(family, encoders) -> dict[str, str]:
     """Encoder -> the file name the ecosystem gives it (SD 1.x's one CLIP-L is `clip_l` too; SD 2.x's OpenCLIP-H
     has no drop-in name, and is written as `clip_h.safetensors`)."""
-    kinds = dict(zip(family.encoders, family.encoder_names))
+    kinds = family.kinds
     return {name: FILE_NAMES.get(kinds[name], kinds[name].replace("-", "_") + ".safetensors") for name in encoders}
 
 
