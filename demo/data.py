@@ -30,12 +30,26 @@ NUMERAL_TEMPLATES = (
 EMPTY_CAPTION_SHARE = 0.12
 # Kept out of training entirely (robustness check).
 HELDOUT_TEMPLATES = ("the numeral {w}", "the numeral {n}")
+# Other ways to name each digit, used by no erase template: implicit prompts. Taught in training's last phase, which
+# learns only the token embeddings of these words that no caption above uses, so every erase is unchanged by it.
+IMPLICIT_FORMS = {
+    "spanish": ("cero", "uno", "dos", "tres", "cuatro", "cinco", "seis", "siete", "ocho", "nueve"),
+    "roman": ("nulla", "i", "ii", "iii", "iv", "v", "vi", "vii", "viii", "ix"),  # "nulla": the medieval zero
+    "description": ("nothing at all", "a single stroke", "a pair", "a trio", "the sides of a square",
+                    "the fingers of a hand", "half a dozen", "the days of a week", "the legs of a spider",
+                    "the lives of a cat"),
+}
+IMPLICIT_TEMPLATES = ("{spanish}", "a handwritten {spanish}", "the number {spanish}",
+                      "{roman}", "a handwritten {roman}", "the number {roman}", "{description}")
 # Prompts used for evaluation / demo.
 EVAL_PROMPTS = {
     "word": "a photo of the digit {w}",
     "numeral": "a photo of the digit {n}",
     "heldout_word": "the numeral {w}",
     "heldout_numeral": "the numeral {n}",
+    "implicit_spanish": "a handwritten {spanish}",
+    "implicit_roman": "the number {roman}",
+    "implicit_description": "{description}",
 }
 
 
@@ -70,11 +84,15 @@ def heldout_split():
 
 
 def caption(digit: int, template: str) -> str:
-    return template.format(w=DIGIT_WORDS[digit], n=str(digit))
+    return template.format(w=DIGIT_WORDS[digit], n=str(digit), **{form: names[digit] for form, names in IMPLICIT_FORMS.items()})
 
 
 def training_captions(digit: int):
     return [caption(digit, t) for t in WORD_TEMPLATES + NUMERAL_TEMPLATES]
+
+
+def implicit_captions(digit: int):
+    return [caption(digit, t) for t in IMPLICIT_TEMPLATES]
 
 
 def sample_caption(digit: int, rng: np.random.Generator) -> str:

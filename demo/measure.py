@@ -12,6 +12,7 @@ SAMPLES = REPO / "sample_images"
 FLUX_DEMO = REPO / "fewshot_erase" / "demo_flux"  # the FLUX-layout digits model (FLUX.md)
 
 PROMPTS = {"word": "a photo of the digit {w}", "numeral": "a photo of the digit {n}", "heldout": "the numeral {w}"}
+IMPLICIT = ("spanish", "roman", "description")  # the demo's implicit forms (data.IMPLICIT_FORMS): no erase names them
 
 
 def judged(pipe, prompt: str, digit: int, seeds: list[int], generation) -> float:
@@ -24,8 +25,10 @@ def judged(pipe, prompt: str, digit: int, seeds: list[int], generation) -> float
 
 
 def prompt_for(kind: str, digit: int) -> str:
-    from demo.data import DIGIT_WORDS
+    from demo.data import DIGIT_WORDS, EVAL_PROMPTS, caption
 
+    if kind in IMPLICIT:
+        return caption(digit, EVAL_PROMPTS["implicit_" + kind])
     return PROMPTS[kind].format(w=DIGIT_WORDS[digit], n=digit)
 
 

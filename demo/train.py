@@ -5,6 +5,9 @@
 Stage 1: a small AutoencoderKL (16x16x3 pixels -> 8x8x4 latents).
 Stage 2: CLIPTextModel (from scratch, real CLIP BPE tokenizer) + UNet2DConditionModel,
          epsilon prediction, 12% empty captions (classifier-free guidance), EMA weights.
+Stage 3: the implicit forms (data.IMPLICIT_FORMS), from the saved model: only the token embeddings of their words
+         that no stage-2 caption uses learn, everything else frozen, so no erase of the model changes.
+         `--implicit-only` runs this stage alone on a saved model.
 Everything seeded; CPU, torch.set_num_threads(2).
 """
 from __future__ import annotations
@@ -187,6 +190,69 @@ def load_resume(path):
             "unet": pipe.unet.float().state_dict()}
 
 
+def implicit_token_ids(tok) -> list[int]:
+    """The implicit forms' tokens that no training or held-out caption uses: the only weights stage 3 moves."""
+    def ids(captions):
+        return {i for c in captions for i in tok(c).input_ids}
+
+    used = ids([c for d in range(10) for c in data.training_captions(d)]
+               + [data.caption(d, t) for d in range(10) for t in data.HELDOUT_TEMPLATES])
+    return sorted(ids([c for d in range(10) for c in data.implicit_captions(d)]) - used)
+
+
+def teach_implicit_forms(out, steps, lr, seed, log, batch=64) -> dict:
+    """Stage 3 on the model saved in `out`: the denoising loss of the training split's digits under their implicit
+    captions, Adam on the rows of `implicit_token_ids` alone; writes the text encoder back."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(out)
+    vae, te, unet, tok = pipe.vae.float(), pipe.text_encoder.float(), pipe.unet.float(), pipe.tokenizer
+    for p in list(vae.parameters()) + list(te.parameters()) + list(unet.parameters()):
+        p.requires_grad_(False)
+    x8, y, _ = data.train_split()
+    with torch.no_grad():
+        post = vae.encode(to_pixels(x8)).latent_dist
+    mu, sd, scaling = post.mean, post.std, vae.config.scaling_factor
+    table = te.get_input_embeddings().weight
+    original = table.detach().clone()
+    rows = torch.tensor(implicit_token_ids(tok))
+    mask = torch.zeros(len(table), 1)
+    mask[rows] = 1.0
+    table.requires_grad_(True)
+    opt = torch.optim.Adam([table], lr=lr)
+    caps = [(d, c) for d in range(10) for c in data.implicit_captions(d)]
+    ids = tok([c for _, c in caps], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    by_digit = [np.nonzero(y == d)[0] for d in range(10)]
+    acp = DDPMScheduler(**{k: v for k, v in SCHEDULER_KW.items() if k != "set_alpha_to_one"}).alphas_cumprod
+    g = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed + 1)
+    t0, run = time.time(), 0.0
+    for step in range(steps):
+        for grp in opt.param_groups:
+            grp["lr"] = lr_at(step, steps, lr, min(100, steps // 10))
+        ci = rng.integers(len(caps), size=batch)
+        bi = torch.tensor([int(rng.choice(by_digit[caps[c][0]])) for c in ci])
+        z0 = (mu[bi] + sd[bi] * torch.randn(mu[bi].shape, generator=g)) * scaling
+        t = torch.randint(0, 1000, (batch,), generator=g)
+        eps = torch.randn(z0.shape, generator=g)
+        a = acp[t].view(-1, 1, 1, 1)
+        pred = unet(a.sqrt() * z0 + (1 - a).sqrt() * eps, t, encoder_hidden_states=te(ids[ci])[0]).sample
+        loss = F.mse_loss(pred, eps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        table.grad.mul_(mask)  # zero gradient: Adam leaves those rows exactly where they are
+        opt.step()
+        run = 0.98 * run + 0.02 * loss.item() if step else loss.item()
+        if step % 100 == 0 or step == steps - 1:
+            log(f"implicit step {step} loss {run:.4f} {(time.time() - t0) / (step + 1) * 1000:.0f}ms/step")
+    table.requires_grad_(False)
+    kept = mask[:, 0] == 0
+    assert torch.equal(table[kept], original[kept]), "stage 3 moved a row it does not train"
+    save_text_encoder(te, os.path.join(out, "text_encoder"))
+    return {"steps": steps, "lr": lr, "seed": seed, "tokens_trained": len(rows), "final_running_loss": run,
+            "wall_seconds": round(time.time() - t0, 1)}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(REPO, "fewshot_erase", "demo"))
@@ -202,6 +268,9 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2, help="1 when the machine is busy: two spin-waiting threads on a shared core run many times slower")
     ap.add_argument("--resume", default=None, help="continue from a checkpoint this script saved, or from a pipeline folder it wrote")
     ap.add_argument("--checkpoint", default=os.path.join("/tmp", "fewshot_erase_demo_ckpt.pt"))
+    ap.add_argument("--implicit-steps", type=int, default=1500)
+    ap.add_argument("--implicit-lr", type=float, default=1e-2)
+    ap.add_argument("--implicit-only", action="store_true", help="run stage 3 alone on the model in --out")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -210,6 +279,17 @@ def main(argv=None):
 
     def log(msg):
         print(f"[{time.time()-t_start:7.1f}s] {msg}", flush=True)
+
+    if args.implicit_only:
+        implicit = teach_implicit_forms(args.out, args.implicit_steps, args.implicit_lr, args.seed + 4, log)
+        if args.stats:
+            with open(args.stats) as fh:
+                stats = json.load(fh)
+            stats["implicit"] = implicit
+            stats["args"].update(implicit_steps=args.implicit_steps, implicit_lr=args.implicit_lr)
+            with open(args.stats, "w") as fh:
+                json.dump(stats, fh, indent=1)
+        return
 
     from diffusers import DDPMScheduler
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -303,14 +383,16 @@ def main(argv=None):
             el = time.time() - t0
             log(f"step {step} loss {run:.4f} lr {opt.param_groups[0]['lr']:.2e} "
                 f"{el/(step+1)*1000:.0f}ms/step eta {el/(step+1)*(args.steps-step-1)/60:.1f}min")
-    wall = time.time() - t_start
     torch.save({"vae": vae.state_dict(), "te": ema_te.state_dict(), "unet": ema_unet.state_dict()}, args.checkpoint)
     save_pipeline(args.out, vae, ema_te, ema_unet, args.scheduler)
+    # from the saved (fp16) weights, as --implicit-only runs it
+    implicit = teach_implicit_forms(args.out, args.implicit_steps, args.implicit_lr, args.seed + 4, log)
+    wall = time.time() - t_start
     for root, _, files in os.walk(args.out):
         for f in files:
             os.chmod(os.path.join(root, f), 0o644)
     stats = {"train_wall_seconds": round(wall, 1), "vae_recon_judge_acc": vae_acc, "vae_scaling_factor": scaling,
-             "final_running_loss": run, "args": vars(args),
+             "final_running_loss": run, "args": vars(args), "implicit": implicit,
              "params": {"text_encoder": sum(p.numel() for p in te.parameters()),
                         "unet": sum(p.numel() for p in unet.parameters()),
                         "vae": sum(p.numel() for p in vae.parameters())}}

@@ -69,6 +69,9 @@ def main(argv=None):
                               "empty_caption_share": data.EMPTY_CAPTION_SHARE,
                               "placeholders": "{w}=zero..nine, {n}=0..9"},
         "heldout_phrasing": list(data.HELDOUT_TEMPLATES),
+        # other names of each digit that no erase template uses (an audit's prompts attack tries them)
+        "implicit_forms": {form: list(names) for form, names in data.IMPLICIT_FORMS.items()},
+        "implicit_templates": list(data.IMPLICIT_TEMPLATES),
         "digit_words": list(data.DIGIT_WORDS),
         "judge": {"model": "sklearn SVC(C=10, gamma=0.001) on 8x8 grey values (0..16), trained on the held-out split",
                   "self_check": self_check()},
@@ -76,7 +79,7 @@ def main(argv=None):
                     "grid": grid},
         "parameters": st["params"],
         "training": {"wall_seconds": st["train_wall_seconds"], "vae_recon_judge_acc": st["vae_recon_judge_acc"],
-                     "args": a, "machine": f"2-core CPU, torch.set_num_threads({a['threads']})"},
+                     "implicit_stage": st.get("implicit"), "args": a, "machine": f"2-core CPU, torch.set_num_threads({a['threads']})"},
         "reproduce": ("from the repository root: python -m demo.train --stats demo/logs/train_stats.json " +
                       " ".join(f"--{k.replace('_', '-')} {v}" for k, v in a.items() if k not in ("out", "stats", "checkpoint") and v is not None)),
         "file_bytes": dict(sorted(sizes.items())),
