@@ -65,6 +65,7 @@ class EraseResult:
             "loss_last": self.losses[-1],
             "timings": self.timings,
             "effects": self.record["effects"],
+            **({"robust_rounds": self.record["robust_rounds"]} if "robust_rounds" in self.record else {}),
         }
 
 
@@ -226,6 +227,7 @@ def erase_concepts(
         "losses": result.losses,
         "retain_losses": result.retain_losses,
         "trajectory": result.trajectory,
+        **({"robust_rounds": result.rounds} if result.rounds is not None else {}),
         "effects": effect,
         "device": str(parts.device),
         "threads": threads,
@@ -277,8 +279,9 @@ def _erase_fitting(parts, targets, watched, run_settings, progress, timings):
 
 def _erase_between_snapshots(parts, targets, watched, run_settings, progress, timings):
     """The report's snapshot before, the loop, the snapshot after: what the erase did, measured by one encoder."""
-    from . import effects
-    from . import unlearning as method
+    from . import effects, hardening, unlearning
+
+    method = hardening if run_settings.robust else unlearning
 
     clock = time.perf_counter()
     before = effects.snapshot(parts, targets, watched, run_settings)
@@ -305,6 +308,9 @@ def check_family_settings(family, settings: EraseSettings) -> None:
         raise BadInput(f"--t5-layers and --max-sequence-length are T5's, and {family.label} has no T5; leave them out")
     if settings.t5_layers is not None and "t5" not in chosen:
         raise BadInput(f"--t5-layers names T5 blocks, but --encoder {settings.encoder} does not erase in T5; add t5 to --encoder or leave --t5-layers out")
+    if settings.robust and "t5" in family.encoder_names:
+        raise BadInput(f"--robust attacks with learned CLIP token embeddings, and {family.label} also reads T5, whose vocabulary "
+                       "they do not reach; leave --robust out (audit's prompts attack still checks the erase)")
 
 
 def check_output_is_a_folder(output: Path) -> None:

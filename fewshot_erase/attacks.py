@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .conditioning import conditioning, denoiser_of
+from .conditioning import conditioning, denoiser_of, select_rows
 from .denoising import noised, prediction_error
 from .prompts import OBJECT_TEMPLATES, STYLE_TEMPLATES, fill
 
@@ -87,12 +87,15 @@ class Setup:
     seed: int
     battery: tuple[str, ...]  # the prompts attack's phrasings
     sequence_length: int | None = None  # SD 3.x / FLUX.1: T5's tokens per caption, as the erase used
+    reserved: tuple[int, ...] = ()  # tokens no placeholder may be: a robust erase's earlier rounds hold them
 
     def errors(self, captions: tuple[str, ...], rows: Rows) -> torch.Tensor:
         """Each row's denoising loss conditioned on `captions` (row i on caption i modulo their count)."""
-        per_row = [captions[i % len(captions)] for i in range(len(rows))]
-        cond = conditioning(self.pipeline, self.family, per_row, self.resolution, self.dtype,
-                            sequence_length=self.sequence_length)
+        # each distinct caption encoded once (rows repeat them), then spread over the rows
+        unique = list(dict.fromkeys(captions))
+        encoded = conditioning(self.pipeline, self.family, unique, self.resolution, self.dtype,
+                               sequence_length=self.sequence_length)
+        cond = select_rows(encoded, torch.tensor([unique.index(captions[i % len(captions)]) for i in range(len(rows))]))
         return prediction_error(denoiser_of(self.pipeline), rows.noisy, rows.timesteps, rows.goal, cond, "none").flatten(1).mean(1)
 
     def loss(self, captions: tuple[str, ...], rows: Rows) -> torch.Tensor:
@@ -177,7 +180,7 @@ def placeholder_tokens(setup: Setup, count: int) -> tuple[tuple[int, ...], str]:
     """`count` rare words (the vocabulary's last merges) that no caption of the concept holds, and their text."""
     tokenizer = setup.pipeline.tokenizer
     used = {i for ids in tokenizer(list(setup.captions(setup.concept))).input_ids for i in ids}
-    rare = tuple(int(i) for i in setup.words.flip(0) if int(i) not in used)[:count]
+    rare = tuple(int(i) for i in setup.words.flip(0) if int(i) not in used and int(i) not in setup.reserved)[:count]
     return rare, tokenizer.decode(list(rare)).strip()
 
 
@@ -198,7 +201,8 @@ def best_captions(setup: Setup, candidates: list[tuple[str, ...]], on_step=lambd
 
 def demo_phrasings(concept: str) -> list[str]:
     """The demo's own phrasings of a digit: its held-out ones and its caption templates, in words and numerals
-    ({w} the word, {n} the numeral; the numeral ones only for a digit word)."""
+    ({w} the word, {n} the numeral; the numeral ones only for a digit word), then its implicit forms (other names
+    no erase template uses: "siete", "vii", "the days of a week")."""
     from .models import demo_metadata
 
     metadata = demo_metadata()
@@ -207,7 +211,11 @@ def demo_phrasings(concept: str) -> list[str]:
     lists = [value for value in metadata.get("caption_templates", {}).values() if isinstance(value, list)]
     shipped = metadata.get("heldout_phrasing", []) + [template for templates in lists for template in templates]
     numeral = str(words.index(concept)) if concept in words else None
-    return [t.replace("{w}", concept).replace("{n}", numeral or "") for t in shipped if numeral or "{n}" not in t]
+    phrasings = [t.replace("{w}", concept).replace("{n}", numeral or "") for t in shipped if numeral or "{n}" not in t]
+    if numeral is None:
+        return phrasings
+    names = {form: forms[int(numeral)] for form, forms in metadata.get("implicit_forms", {}).items()}
+    return phrasings + [template.format(**names) for template in metadata.get("implicit_templates", [])]
 
 
 def prompt_battery(concept: str, erase_templates, user, shipped) -> tuple[str, ...]:
@@ -225,12 +233,12 @@ def prompt_attack(setup: Setup, budget: int, on_step=lambda step: None) -> Found
     return Found((best,), len(tried), best, prompt=best)
 
 
-def soft_attack(setup: Setup, budget: int, on_step=lambda step: None) -> Found:
+def soft_attack(setup: Setup, budget: int, on_step=lambda step: None, start: dict | None = None) -> Found:
     """SOFT_TOKENS free embeddings prefixed to the concept's captions, started near the vocabulary's mean (random
-    words started some seeds far from any way back)."""
+    words started some seeds far from any way back), or at `start` (per encoder, a robust erase's last round)."""
     placeholders, text = placeholder_tokens(setup, SOFT_TOKENS)
     generator = torch.Generator().manual_seed(setup.seed)
-    start = {name: near_mean(table[setup.words], SOFT_TOKENS, generator) for name, table in setup.tables.items()}
+    start = start or {name: near_mean(table[setup.words], SOFT_TOKENS, generator) for name, table in setup.tables.items()}
     vectors = fit_embeddings(setup, setup.captions(setup.concept, text), placeholders, start, budget, on_step=on_step)
     shown = setup.captions(setup.concept, " ".join(f"<soft-{i + 1}>" for i in range(SOFT_TOKENS)))[0]
     return Found(setup.captions(setup.concept, text), budget, shown, placeholders=placeholders, vectors=vectors)

@@ -59,6 +59,8 @@ class EraseSettings:
     until: Optional[str] = None
     until_window: int = 4
     until_drift: float = 0.02
+    # Rounds of the audit's soft-prompt attack after the erase, each attack's captions erased too (hardening.py).
+    robust: bool = False
 
     def __post_init__(self):
         checks = [

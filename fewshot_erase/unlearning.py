@@ -94,10 +94,18 @@ class Target:
     image_count: int
     templates: tuple[str, ...]
     anchor: str | None = None
+    # --robust: the templates behind the attackers' learned prefixes (hardening.py), erased along with the templates
+    # but not lent to the kept concepts
+    hardened: tuple[str, ...] = ()
+
+    @property
+    def drawn(self) -> tuple[str, ...]:
+        """The templates the erase steps draw captions from."""
+        return self.templates + self.hardened
 
     def caption(self, index: int) -> str:
         """The templates in turn: what the stop checks and the report condition the pictures on."""
-        return fill(self.templates[index % len(self.templates)], self.concept)
+        return fill(self.drawn[index % len(self.drawn)], self.concept)
 
 
 @dataclass
@@ -106,6 +114,7 @@ class LoopResult:
     trajectory: list[dict]  # per step: concept, loss, retain, worst drift (or repair); --until's checks
     stopped_early: bool
     trained: dict[str, dict[str, torch.nn.Parameter]]  # encoder -> canonical name -> parameter
+    rounds: list[dict] | None = None  # --robust: each round's attack and what it brought back (hardening.py)
 
     @property
     def retain_losses(self) -> list[float]:
@@ -241,7 +250,7 @@ def erase_step(loop: Loop, target: Target, picked: list[int], templates: list[st
 def hold(loop: Loop, target: Target) -> list[str]:
     """A concept found done is held where it is: its captions' conditioning now joins the retain term's references,
     so that ascent on the other concepts, or repair steps, cannot bring it back. Its captions."""
-    captions = [target.caption(i) for i in range(len(target.templates))]
+    captions = [target.caption(i) for i in range(len(target.drawn))]
     loop.frozen.update(frozen_conditioning(loop.parts.pipeline, loop.parts.family, captions, loop.resolution,
                                            loop.parts.dtype, sequence_length=loop.settings.max_sequence_length))
     return captions
@@ -297,7 +306,7 @@ def run(parts, targets: list[Target], settings: EraseSettings, before: Snapshot,
             else:
                 index = active[step % len(active)]  # several concepts take turns, each with its own pictures
                 target, picked = targets[index], next(streams[index])
-                templates = [captions_rng.choice(target.templates) for _ in picked]
+                templates = [captions_rng.choice(target.drawn) for _ in picked]
                 kept = next(retained) if retained else []
                 trajectory.append(erase_step(loop, target, picked, templates, kept, held_rows(held, step), step))
                 losses.append(trajectory[-1]["loss"])

@@ -196,6 +196,7 @@ def test_budgets_default_per_attack_and_are_checked():
 def test_the_prompt_battery_holds_the_users_then_the_erases_then_the_demos_phrasings():
     shipped = demo_phrasings("seven")
     assert "the numeral seven" in shipped and "the numeral 7" in shipped and "a handwritten 7" in shipped
+    assert {"siete", "the number vii", "the days of a week"} <= set(shipped)  # the demo's implicit forms
     battery = prompt_battery("seven", ["a photo of the digit {}"], ["{} as a numeral", "lucky number"], shipped)
     assert battery[:3] == ("seven as a numeral", "lucky number", "a photo of the digit seven")
     assert len(battery) == len(set(battery)) and "a rendering of a seven" in battery

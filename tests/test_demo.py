@@ -114,3 +114,18 @@ def test_epochs_take_the_place_of_the_demos_recommended_steps(tmp_path):
     record = json.loads((tmp_path / "erased" / "erase.json").read_text())
     assert record["steps"] == 3  # six pictures, batch 2: one epoch
     assert "steps" not in record["recommended_by_model"]
+
+
+def test_the_demo_draws_each_digits_implicit_forms_and_an_erase_of_seven_takes_them_with_it(tmp_path):
+    """Other names of a digit that no erase template uses ("siete", "vii", "the days of a week"): the demo knows
+    them, and the erase of seven from its six pictures removes them too (benchmarks/efficacy.py --audit measures
+    every digit)."""
+    from demo.measure import IMPLICIT
+
+    parts, generation = load_base()
+    for kind in IMPLICIT:
+        assert judged(parts.pipeline, prompt_for(kind, 7), 7, SEEDS[:12], generation) >= 0.9, kind
+    assert run_cli("erase", "seven", SAMPLES / "seven", "-o", tmp_path / "erased").exit_code == 0
+    pipe = erased_pipeline(parts, tmp_path / "erased")
+    for kind in IMPLICIT:
+        assert judged(pipe, prompt_for(kind, 7), 7, SEEDS[:12], generation) <= 0.25, kind

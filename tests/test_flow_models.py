@@ -280,6 +280,13 @@ def test_an_encoder_the_family_lacks_is_refused(tiny_flow, flow_pictures, tmp_pa
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
+def test_robust_is_refused_where_t5_reads_the_captions(tiny_flow, flow_pictures, tmp_path):
+    result = run_cli("erase", "robot", flow_pictures, "-o", tmp_path / "out", "--model", tiny_flow("flux").folder,
+                     "--robust")
+    assert result.exit_code == 2 and "--robust attacks with learned CLIP token embeddings" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
 def test_t5_choices_on_a_model_without_t5_are_refused(tiny_model, pictures, tmp_path):
     result = run_cli("erase", "robot", pictures, "-o", tmp_path / "out", "--model", tiny_model("sd1").folder,
                      "--t5-layers", "0-3")

@@ -38,6 +38,7 @@ from .render import effect_lines, handled, print_json, rich_progress, verdict
                    "pulled before, or hold them pushed away for two checks, and no kept caption has drifted past the bound "
                    "(retain-only repair steps until then; --steps is the cap); steps: run every step (the published "
                    "method; the demo's default is gone).")
+@click.option("--robust", is_flag=True, help="Harden the erase against learned-prompt attacks: rounds of the audit's soft prompt, each erased in turn (slower).")
 @click.option("--no-flip", is_flag=True, help="Do not add mirrored copies of the images.")
 @click.option("--device", help="cpu, cuda, cuda:N (default: cuda if available).")
 @click.option("--threads", type=int, help="CPU threads for torch (default: torch's own choice).")
@@ -50,7 +51,7 @@ from .render import effect_lines, handled, print_json, rich_progress, verdict
 @click.option("-q", "--quiet", is_flag=True, help="No progress, no summary; errors only.")
 def erase_command(concept, images, output, model, style, templates, seed, steps, epochs, lr, batch_size, resolution,
                   train, encoder, t5_layers, max_sequence_length, concept_options, manifest, anchor, preserve, preserve_file, preserve_weight,
-                  no_preserve, until, no_flip, device, threads, dtype, low_memory, config, allow_pickle, overwrite, as_json,
+                  no_preserve, until, robust, no_flip, device, threads, dtype, low_memory, config, allow_pickle, overwrite, as_json,
                   quiet):
     """Erase CONCEPT using a few real images of it (files or folders).
 
@@ -60,6 +61,7 @@ def erase_command(concept, images, output, model, style, templates, seed, steps,
         "lr": lr, "batch_size": batch_size, "resolution": resolution, "train": train, "encoder": encoder,
         "max_sequence_length": max_sequence_length,
         "flip": False if no_flip else None, "device": device, "threads": threads, "dtype": dtype, "low_memory": low_memory or None,
+        "robust": robust or None,
         "preserve_weight": 0.0 if no_preserve else preserve_weight,
     }
     with handled(quiet):
@@ -96,4 +98,16 @@ def erase_command(concept, images, output, model, style, templates, seed, steps,
                    f"{repairs} ({s['timings']['total']:.1f} s); wrote {s['output']}")
         for line in effect_lines(s["effects"]):
             click.echo(line)
+        if s.get("robust_rounds"):
+            click.echo(robust_line(s["robust_rounds"], s["output"]))
+
+
+def robust_line(rounds: list[dict], output: str) -> str:
+    """What --robust's rounds found: the share of the concept each round's soft prompt brought back."""
+    named = len({r["concept"] for r in rounds}) > 1
+    shares = [f"{r['concept'] + ' ' if named else ''}{r['recovered']:.0%}" for r in rounds]
+    found = shares[0] if len(shares) == 1 else ", ".join(shares[:-1]) + ", then " + shares[-1]
+    count = max(r["round"] for r in rounds)
+    return (f"  hardened in {count} round{'s' if count != 1 else ''} of the soft-prompt attack, which brought back "
+            f"{found}; check it with: fewshot-erase audit {output}")
 
