@@ -23,9 +23,10 @@ from demo.measure import IMPLICIT, PROMPTS, accuracy_table, erased_pipeline, loa
 
 # What each method is, as erase options. "published" is the bare method with the demo's captions and learning rate
 # for the published 4 epochs (no preservation, no stopping rule); "default" is what `fewshot-erase erase` does on
-# the demo without options (preservation, stop once gone, at most 120 steps); "anchor" steers to another digit.
+# the demo without options (preservation, stop once gone, at most 120 steps, no mirrored copies); "robust" adds
+# --robust; "anchor" steers to another digit. The published method flips its pictures.
 METHODS = {
-    "published": {"preserve_weight": 0.0, "steps": None, "until": None},
+    "published": {"preserve_weight": 0.0, "steps": None, "until": None, "flip": True},
     "default": {},
     "robust": {"robust": True},
     # Steering for a fixed 60 steps (the stopping rule is about ascent; measured: 36 steps or a preservation weight

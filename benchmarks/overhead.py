@@ -2,6 +2,8 @@
 
     python -m benchmarks.overhead                      # every digit, erase seeds 0,1,2, both methods, 3 repeats
     python -m benchmarks.overhead --digits 7 --seeds 0 --repeats 1
+    python -m benchmarks.overhead --methods published,default,robust --seeds 0 --repeats 1 \
+        --json benchmarks/results/overhead_robust.json       # --robust against both
 
 Each digit is erased with its six sample images by the bare method (`efficacy.METHODS["published"]`) and by the
 default, one right after the other in one process, so both see the same machine state; the wall time is the public
@@ -40,6 +42,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--digits", default="0,1,2,3,4,5,6,7,8,9")
     parser.add_argument("--seeds", default="0,1,2", help="erase seeds")
     parser.add_argument("--repeats", type=int, default=3, help="timings per erase; each counts with their median")
+    parser.add_argument("--methods", default="published,default", help="efficacy.METHODS to time; the first is the base")
     parser.add_argument("--json", default="benchmarks/results/overhead.json")
     args = parser.parse_args(argv)
     if args.repeats < 1:
@@ -56,11 +59,11 @@ def main(argv=None) -> dict:
 
     torch.set_num_threads(2)
     warnings.simplefilter("ignore", EraseWarning)  # "no --model given: the demo": said once here instead
-    methods = {"published": METHODS["published"], "default": METHODS["default"]}
+    methods = {name: METHODS[name] for name in args.methods.split(",")}
     runs = []
     with tempfile.TemporaryDirectory() as workdir:
         workdir = Path(workdir)
-        timed_erase("seven", methods["published"], workdir / "warm-up")
+        timed_erase("seven", METHODS["published"], workdir / "warm-up")
         for seed in [int(s) for s in args.seeds.split(",")]:
             for digit in [int(d) for d in args.digits.split(",")]:
                 timings, steps_of = {method: [] for method in methods}, {}
@@ -80,19 +83,22 @@ def main(argv=None) -> dict:
         steps = [run[method]["steps"] for run in runs]
         summary[method] = {"seconds_mean": statistics.mean(seconds), "seconds_median": statistics.median(seconds),
                            "steps_mean": statistics.mean(steps), "steps_range": [min(steps), max(steps)]}
-    summary["ratio_of_means"] = summary["default"]["seconds_mean"] / summary["published"]["seconds_mean"]
-    summary["ratio_of_medians"] = summary["default"]["seconds_median"] / summary["published"]["seconds_median"]
+    names = list(methods)
+    for base, method in [(names[0], m) for m in names[1:]] + ([("default", "robust")] if {"default", "robust"} <= set(names) else []):
+        key = "" if (base, method) == ("published", "default") else f"_{method}_over_{base}"
+        summary["ratio_of_means" + key] = summary[method]["seconds_mean"] / summary[base]["seconds_mean"]
+        summary["ratio_of_medians" + key] = summary[method]["seconds_median"] / summary[base]["seconds_median"]
     results = {"runs": runs, "summary": summary, "threads": torch.get_num_threads(), "repeats": args.repeats}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 
-    table = Table(title="the default erase against the bare method, demo, CPU")
-    for column in ("digit", "seed", "bare s", "bare steps", "default s", "default steps", "ratio"):
+    table = Table(title=f"erase wall time against {names[0]}, demo, CPU")
+    for column in ("digit", "seed", *(f"{m} {what}" for m in names for what in ("s", "steps")), *(f"{m} ratio" for m in names[1:])):
         table.add_column(column)
     for run in runs:
-        bare, default = run["published"], run["default"]
-        table.add_row(str(run["digit"]), str(run["seed"]), f"{bare['seconds']:.2f}", str(bare["steps"]),
-                      f"{default['seconds']:.2f}", str(default["steps"]), f"{default['seconds'] / bare['seconds']:.2f}")
+        table.add_row(str(run["digit"]), str(run["seed"]),
+                      *(text for m in names for text in (f"{run[m]['seconds']:.2f}", str(run[m]["steps"]))),
+                      *(f"{run[m]['seconds'] / run[names[0]]['seconds']:.2f}" for m in names[1:]))
     Console().print(table)
     Console().print_json(json.dumps(summary))
     return results

@@ -3,6 +3,7 @@ the demo's own), judges the generated images with the held-out classifier, and c
 
     python -m benchmarks.robustness --sets 4 -o benchmarks/results/picture_sets.json    # every digit, 4 other sets
     python -m benchmarks.robustness --pairs -o benchmarks/results/pairs.json            # all 45 pairs of digits
+    python -m benchmarks.robustness --triples -o benchmarks/results/triples.json        # all 120 triples
     python -m benchmarks.robustness --sets 2 --digits 4 --images 20                     # a quick look at one digit
     python -m benchmarks.robustness --tables benchmarks/results/pairs.json              # its figures as markdown
 
@@ -30,6 +31,7 @@ from demo.data import DIGIT_WORDS
 from demo.measure import SAMPLES, accuracy_table, erased_pipeline, judged, load_base, prompt_for
 
 SHIPPED = 6  # demo.make_samples takes the first six held-out scans of each digit
+KINDS = ("picture_sets", "pairs", "triples")
 ERASED_AT_MOST = 0.10
 COLLATERAL_AT_MOST = 0.10
 
@@ -111,7 +113,7 @@ def summary(runs: list[dict]) -> dict:
 def tables(report: dict) -> str:
     """The figures as the docs show them: each picture set's run, and the pairs as a matrix of "first/second" drawn."""
     lines = []
-    if report["picture_sets"]:
+    if report.get("picture_sets"):
         lines += ["| digit | " + " | ".join(f"set {n} ({run['split']})" for n, run in enumerate(
             r for r in report["picture_sets"] if r["digits"] == report["picture_sets"][0]["digits"])) + " |"]
         by_digit = {}
@@ -122,7 +124,7 @@ def tables(report: dict) -> str:
             cells = [f"{100 * run['erased_after'][digit]:.0f}% ({run['verdicts'][digit]}, {run['steps']})" for run in runs]
             lines.append(f"| {DIGIT_WORDS[digit]} | " + " | ".join(cells) + " |")
         lines.append("")
-    if report["pairs"]:
+    if report.get("pairs"):
         drawn = {tuple(run["digits"]): run for run in report["pairs"]}
         lines += ["| | " + " | ".join(DIGIT_WORDS[d] for d in range(1, 10)) + " |", "|---" * 10 + "|"]
         for first in range(9):
@@ -132,6 +134,11 @@ def tables(report: dict) -> str:
                 cells.append(f"{100 * run['erased_after'][first]:.0f}/{100 * run['erased_after'][second]:.0f}"
                              if run else "")
             lines.append(f"| {DIGIT_WORDS[first]} | " + " | ".join(cells) + " |")
+    failed = [run for run in report.get("triples", []) if max(run["erased_after"].values()) > ERASED_AT_MOST]
+    if report.get("triples"):
+        lines += ["", f"Triples: {len(report['triples']) - len(failed)} of {len(report['triples'])} fully erased"
+                  + "".join(f"; {'+'.join(DIGIT_WORDS[d] for d in run['digits'])}: "
+                            + "/".join(f"{100 * v:.0f}%" for v in run["erased_after"].values()) for run in failed)]
     return "\n".join(lines)
 
 
@@ -139,6 +146,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sets", type=int, default=0, help="other picture sets per digit (half training, half held-out)")
     parser.add_argument("--pairs", action="store_true", help="every pair of digits, with the shipped pictures")
+    parser.add_argument("--triples", action="store_true", help="every three digits at once, with the shipped pictures")
     parser.add_argument("--digits", default="0,1,2,3,4,5,6,7,8,9")
     parser.add_argument("--images", type=int, default=30, help="judged images per prompt")
     parser.add_argument("-o", "--output", type=Path)
@@ -146,14 +154,14 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.tables:
         report = json.loads(args.tables.read_text())
-        for kind in ("picture_sets", "pairs"):  # JSON made the digits strings
-            for run in report[kind]:
+        for kind in KINDS:  # JSON made the digits strings
+            for run in report.get(kind, []):
                 for key in ("erased_after", "verdicts"):
                     run[key] = {int(d): value for d, value in run[key].items()}
         print(tables(report))
         return report
-    if not args.sets and not args.pairs:
-        parser.error("give --sets N and/or --pairs")
+    if not args.sets and not args.pairs and not args.triples:
+        parser.error("give --sets N, --pairs and/or --triples")
     if args.images < 1 or args.sets < 0:
         parser.error("--images must be at least 1 and --sets zero or more")
     import torch
@@ -163,7 +171,7 @@ def main(argv=None) -> dict:
     seeds = list(range(3000, 3000 + args.images))
     parts, generation = load_base()
     base = accuracy_table(parts.pipeline, seeds, generation, kinds=("word",))
-    report = {"images": args.images, "base": {d: base[d]["word"] for d in range(10)}, "picture_sets": [], "pairs": []}
+    report = {"images": args.images, "base": {d: base[d]["word"] for d in range(10)}, **{kind: [] for kind in KINDS}}
     with tempfile.TemporaryDirectory() as workdir:
         work = Path(workdir)
         for digit in digits if args.sets else ():
@@ -175,13 +183,15 @@ def main(argv=None) -> dict:
                 print(f"{DIGIT_WORDS[digit]} set {number} ({chosen['split']}): {100 * run['erased_after'][digit]:.0f}% "
                       f"drawn, said {run['verdicts'][digit]}, worst other -{100 * run['others_worst_drop']:.0f}, "
                       f"{run['steps']} steps", flush=True)
-        for pair in itertools.combinations(digits, 2) if args.pairs else ():
-            run = judged_run(parts, generation, base, {d: SAMPLES / DIGIT_WORDS[d] for d in pair}, seeds, work)
-            report["pairs"].append(run)
-            print(f"{DIGIT_WORDS[pair[0]]}+{DIGIT_WORDS[pair[1]]}: " + ", ".join(
-                f"{100 * run['erased_after'][d]:.0f}% ({run['verdicts'][d]})" for d in pair)
+        groups = [("pairs", g) for g in itertools.combinations(digits, 2) if args.pairs]
+        groups += [("triples", g) for g in itertools.combinations(digits, 3) if args.triples]
+        for kind, group in groups:
+            run = judged_run(parts, generation, base, {d: SAMPLES / DIGIT_WORDS[d] for d in group}, seeds, work)
+            report[kind].append(run)
+            print("+".join(DIGIT_WORDS[d] for d in group) + ": " + ", ".join(
+                f"{100 * run['erased_after'][d]:.0f}% ({run['verdicts'][d]})" for d in group)
                 + f", worst other -{100 * run['others_worst_drop']:.0f}, {run['steps']} steps", flush=True)
-    report["summary"] = {kind: summary(report[kind]) for kind in ("picture_sets", "pairs") if report[kind]}
+    report["summary"] = {kind: summary(report[kind]) for kind in KINDS if report[kind]}
     print(json.dumps(report["summary"], indent=2))
     if args.output:
         args.output.write_text(json.dumps(report, indent=2) + "\n")

@@ -97,13 +97,15 @@ def measure(parts, generation, base: dict, erased: list[int], options: dict, see
 
 def flux_demo_settings() -> tuple[dict, dict]:
     """What an erase of the FLUX-layout demo runs with: the SD 1.x demo's erase settings (captions, lr, the other
-    digits kept, --until gone), at the FLUX demo's size and T5 length; and its generation settings."""
+    digits kept, --until gone) with mirrored copies, at the FLUX demo's size and T5 length; and its generation
+    settings."""
     import json
 
     from fewshot_erase.models import demo_metadata
 
     generation = json.loads((FLUX_DEMO / "demo.json").read_text())["generation"]
-    erase = {**demo_metadata()["erase_settings"], "resolution": generation["height"],
+    # with mirrored copies, as docs/flow-models.md measured (the SD demo's --no-flip came after those figures)
+    erase = {**demo_metadata()["erase_settings"], "flip": True, "resolution": generation["height"],
              "max_sequence_length": generation["max_sequence_length"]}
     return erase, generation
 

@@ -2,11 +2,11 @@
 feed-forward weights only (adversarial training in the manner of AdvUnlearn, Zhang et al. 2024).
 
 After the plain erase (unlearning.run), each round attacks the patched encoder as the audit does: free token
-embeddings before the concept's captions, fitted on the concept's pictures to bring it back (attacks.soft_attack).
-Where the attack brings back more than HOLDS of what the erase took away, its learned prefix joins the concept's
-captions (the placeholder words, with the learned vectors in the embedding layer for the rest of the run) and the
-erase runs again, from where it stands, until those captions are gone too. The run ends when a fresh attack fails,
-or after ROUNDS rounds. How the constants were chosen: docs/audit.md.
+embeddings before the concept's captions, fitted on the concept's pictures to bring it back (attacks.soft_attack;
+the first round from STARTS starts, later rounds continuing the strongest). Where the attack brings back HOLDS or
+more of the concept, its learned prefix joins the concept's captions (placeholder words, whose embeddings are the
+learned vectors for the rest of the run) and the erase runs again, from where it stands, until those captions are
+gone too. The run ends when an attack fails, or after ROUNDS rounds. How the constants were chosen: docs/audit.md.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ from .render import effect_lines, handled, print_json, rich_progress, verdict
                    "(retain-only repair steps until then; --steps is the cap); steps: run every step (the published "
                    "method; the demo's default is gone).")
 @click.option("--robust", is_flag=True, help="Harden the erase against learned-prompt attacks: rounds of the audit's soft prompt, each erased in turn (slower).")
-@click.option("--no-flip", is_flag=True, help="Do not add mirrored copies of the images.")
+@click.option("--flip/--no-flip", default=None, help="Add mirrored copies of the images (default on; the demo: off, mirrored digits are not digits).")
 @click.option("--device", help="cpu, cuda, cuda:N (default: cuda if available).")
 @click.option("--threads", type=int, help="CPU threads for torch (default: torch's own choice).")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), help="Dtype of the frozen UNet and VAE.")
@@ -51,7 +51,7 @@ from .render import effect_lines, handled, print_json, rich_progress, verdict
 @click.option("-q", "--quiet", is_flag=True, help="No progress, no summary; errors only.")
 def erase_command(concept, images, output, model, style, templates, seed, steps, epochs, lr, batch_size, resolution,
                   train, encoder, t5_layers, max_sequence_length, concept_options, manifest, anchor, preserve, preserve_file, preserve_weight,
-                  no_preserve, until, robust, no_flip, device, threads, dtype, low_memory, config, allow_pickle, overwrite, as_json,
+                  no_preserve, until, robust, flip, device, threads, dtype, low_memory, config, allow_pickle, overwrite, as_json,
                   quiet):
     """Erase CONCEPT using a few real images of it (files or folders).
 
@@ -60,7 +60,7 @@ def erase_command(concept, images, output, model, style, templates, seed, steps,
         "style": style or None, "templates": tuple(templates) or None, "seed": seed, "steps": steps, "epochs": epochs,
         "lr": lr, "batch_size": batch_size, "resolution": resolution, "train": train, "encoder": encoder,
         "max_sequence_length": max_sequence_length,
-        "flip": False if no_flip else None, "device": device, "threads": threads, "dtype": dtype, "low_memory": low_memory or None,
+        "flip": flip, "device": device, "threads": threads, "dtype": dtype, "low_memory": low_memory or None,
         "robust": robust or None,
         "preserve_weight": 0.0 if no_preserve else preserve_weight,
     }
