@@ -156,23 +156,21 @@ def test_gone_means_the_captions_now_push_away_as_hard_as_they_pulled_and_then_s
 
 @pytest.mark.parametrize("readings, finished", [
     ([-0.002, -0.014], True),    # gone at the last check
-    ([-0.003], False),           # pushed away past the stall margin, but at one check only
-    ([-0.003, -0.0025], True),   # two in a row: held there by the retain term, done
-    ([-0.003, -0.002], False),   # the last check short of the margin
-    ([-0.0017, -0.003], False),  # so was the one before ("three" was still drawn at 18% at -0.0017)
+    ([-0.014, -0.003], False),   # and then back within the margin
+    ([-0.003, -0.003, -0.003], False),  # pushed away, but never by the margin, however long ("nine" was still drawn)
 ])
-def test_a_concept_pushed_away_for_two_checks_in_a_row_is_done_even_if_it_pulled_hard_before(readings, finished):
+def test_a_concept_is_done_when_gone_at_the_last_check(readings, finished):
     from fewshot_erase.stopping import finished as is_finished
 
-    # before +0.005 (a strong pull): "gone" needs -0.013 with an empty-caption loss of 0.08; the stall margin -0.0024
+    # before +0.005 (a strong pull): "gone" needs -0.013 with an empty-caption loss of 0.08
     assert is_finished(0.005, readings, blank=0.08) is finished
 
 
 @pytest.mark.parametrize("checks, after, anchor, said", [
     ([], -0.014, None, "erased"),           # gone by the reading after the run
-    ([], -0.003, None, "not erased"),       # pushed away, but read once
-    ([-0.003], -0.003, None, "erased"),     # pushed away at two readings in a row: what the run stops on
-    ([-0.003], 0.001, None, "not erased"),  # and then back
+    ([], -0.003, None, "not erased"),       # pushed away, but not by the margin
+    ([-0.003], -0.003, None, "not erased"),  # nor at two readings in a row
+    ([-0.014], 0.001, None, "not erased"),  # gone at a check, and then back
     ([], 0.004, "one", "steered"),          # an anchored concept is not judged by the erase rule
 ])
 def test_the_verdict_is_the_stopping_rule_over_the_checks_and_the_reading_after(checks, after, anchor, said):
@@ -181,17 +179,17 @@ def test_the_verdict_is_the_stopping_rule_over_the_checks_and_the_reading_after(
     assert verdict(0.005, after, 0.08, checks, anchor) == said
 
 
-@pytest.mark.parametrize("trajectory, said", [
-    ([{"concept": "x", "advantage": {"x": -0.003}}], "not erased"),  # the reading after is that same check again
-    ([{"concept": "x", "advantage": {"x": -0.003}}, {"concept": "x"}], "erased"),  # a step later: a second reading
+@pytest.mark.parametrize("trajectory, last, said", [
+    ([{"concept": "x", "advantage": {"x": -0.014}}], -0.014, "erased"),  # stopped on the check that found it gone
+    ([{"concept": "x", "advantage": {"x": -0.014}}, {"concept": "x"}], -0.003, "not erased"),  # a step later: back
 ])
-def test_a_run_that_ended_on_a_check_is_not_read_twice(trajectory, said):
+def test_the_verdict_reads_the_encoder_the_run_leaves(trajectory, last, said):
     from types import SimpleNamespace
 
     from fewshot_erase.effects import Snapshot, report
 
     before = Snapshot({"x": 0.005}, {}, [], {"x": 0.08}, {})
-    after = Snapshot({"x": -0.003}, {}, [], {"x": 0.08}, {})
+    after = Snapshot({"x": last}, {}, [], {"x": 0.08}, {})
     erased = report(before, after, [SimpleNamespace(concept="x", anchor=None)], trajectory)["erased"]["x"]
     assert erased["verdict"] == said and erased["gone"] is (said == "erased")
 
