@@ -141,6 +141,21 @@ def audited(output: Path) -> dict:
                         for name, result in record["attacks"].items()}}
 
 
+def agreement(audits: list[dict]) -> dict:
+    """How often an attack's recovery (>= the audit's HOLDS) and its judged success (>= 50%) say the same, over every
+    attack of every audit, and their Pearson correlation."""
+    from fewshot_erase.audit import HOLDS
+
+    pairs = [(a["recovery"], a["judged_success"]) for audit in audits for a in audit["attacks"].values()
+             if a.get("recovery") is not None and a.get("judged_success") is not None]
+    agree = sum((r >= HOLDS) == (j >= 0.5) for r, j in pairs)
+    try:
+        pearson = statistics.correlation(*zip(*pairs))
+    except (statistics.StatisticsError, TypeError):  # fewer than two pairs, or one side constant
+        pearson = None
+    return {"attacks": len(pairs), "agree": agree, "pearson": pearson}
+
+
 def save(results: dict, path: str) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(results, indent=2, sort_keys=True, default=str) + "\n")
@@ -174,6 +189,7 @@ def summarise(results: dict) -> dict:
         audits = [run["audit"] for run in runs if "audit" in run]
         if audits:
             summary[method]["audit_seconds"] = statistics.mean(a["seconds"] for a in audits)
+            summary[method]["recovery_against_judge"] = agreement(audits)
             for name in audits[0]["attacks"]:
                 for key in ("recovery", "judged_success"):
                     values = [a["attacks"][name][key] for a in audits if a["attacks"][name].get(key) is not None]

@@ -48,8 +48,18 @@ def audited(seven):
     return result, before, weights(seven), json.loads((seven / "audit.json").read_text())
 
 
-def test_the_soft_prompt_brings_a_default_erase_back_and_the_judge_agrees(seven):
-    record = audit(seven, attacks=["soft"], seed=0).record
+@pytest.fixture(scope="module")
+def six(tmp_path_factory) -> Path:
+    """A default demo erase of six: one the soft prompt brings back at the audit's defaults (docs/audit.md)."""
+    from fewshot_erase import erase
+
+    root = tmp_path_factory.mktemp("audit-six")
+    erase("six", [SAMPLES / "six"], root / "erased", device="cpu")
+    return root / "erased"
+
+
+def test_the_soft_prompt_brings_a_default_erase_back_and_the_judge_agrees(six):
+    record = audit(six, attacks=["soft"], seed=0).record
     soft, plain = record["attacks"]["soft"], record["erased_captions"]
     assert soft["recovery"] > 0.3 and soft["budget"] == 64  # the default budget, on held-out pictures
     assert plain["original_judged_success"] >= 0.8 and plain["judged_success"] <= 0.2  # the erase worked ...

@@ -10,22 +10,51 @@ from helpers import run_cli
 
 from fewshot_erase import audit, hardening
 
-pytestmark = pytest.mark.slow
-
 SEEDS = list(range(2000, 2012))  # 12 images per prompt
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_the_rounds_erase_the_attacks_captions_and_only_the_feed_forward_weights_change(tiny_model, pictures, tmp_path,
+                                                                                     monkeypatch, family):
+    """Every round's attack counted as a success (HOLDS below zero), on a tiny pipeline of each CLIP family: the learned
+    prefixes join the captions, the run goes on, and what is saved is the encoders' feed-forward weights alone (the
+    learned embeddings only ever sat in a hook)."""
+    import torch
+    from helpers import erased_tensors
+    from tiny_pipelines import canonical_text_encoder_state_dict
+
+    from fewshot_erase import erase
+    from fewshot_erase.keys import is_trained
+
+    monkeypatch.setattr(hardening, "HOLDS", -1.0)
+    monkeypatch.setattr(hardening, "ROUNDS", 2)
+    monkeypatch.setattr(hardening, "ATTACK_STEPS", 2)
+    tiny = tiny_model(family)
+    options = {"model": str(tiny.folder), "steps": 2, "lr": 1e-3}
+    result = erase("tiny robot", [pictures], tmp_path / "out", robust=True, **options)
+    plain = erase("tiny robot", [pictures], tmp_path / "plain", **options)
+    assert [r["round"] for r in result.record["robust_rounds"]] == [1, 2]
+    assert result.record["steps"] == 3 * plain.record["steps"]  # the erase, and a run after each round
+    for name, tensors in erased_tensors(tmp_path / "out", family).items():
+        base = canonical_text_encoder_state_dict(getattr(tiny.pipe, name))
+        layers = getattr(tiny.pipe, name).config.num_hidden_layers
+        changed = [key for key, tensor in tensors.items() if not torch.equal(tensor, base[key])]
+        assert changed and all(is_trained(key, "ffn", layers) for key in changed), name
 
 
 @pytest.fixture(scope="module")
 def erases(tmp_path_factory):
-    """The README's erase of seven, and the same with --robust, from one copy of its pictures."""
+    """The default erase of six (one the soft prompt brings back at the audit's defaults), and the same with
+    --robust, from one copy of its pictures."""
     root = tmp_path_factory.mktemp("robust")
-    shutil.copytree(SAMPLES / "seven", root / "seven")
+    shutil.copytree(SAMPLES / "six", root / "six")
     for name, extra in (("default", ()), ("robust", ("--robust",))):
-        result = run_cli("erase", "seven", root / "seven", "-o", root / name, *extra)
+        result = run_cli("erase", "six", root / "six", "-o", root / name, *extra)
         assert result.exit_code == 0, result.output
     return root
 
 
+@pytest.mark.slow
 def test_a_robust_erase_withstands_the_soft_prompt_that_brings_the_default_erase_back(erases):
     default = audit(erases / "default", attacks=["soft"]).record["attacks"]["soft"]
     robust = audit(erases / "robust", attacks=["soft"]).record["attacks"]["soft"]
@@ -33,20 +62,22 @@ def test_a_robust_erase_withstands_the_soft_prompt_that_brings_the_default_erase
     assert robust["recovery"] < hardening.HOLDS and robust["judged_success"] <= 0.2
 
 
+@pytest.mark.slow
 def test_a_robust_erase_keeps_the_other_digits_and_still_erases_the_plain_prompts(erases):
     parts, generation = load_base()
     pipe = erased_pipeline(parts, erases / "robust")
-    assert judged(pipe, prompt_for("word", 7), 7, SEEDS, generation) <= 0.1
-    for digit in (d for d in range(10) if d != 7):
+    assert judged(pipe, prompt_for("word", 6), 6, SEEDS, generation) <= 0.1
+    for digit in (d for d in range(10) if d != 6):
         assert judged(pipe, prompt_for("word", digit), digit, SEEDS, generation) >= 0.8, digit
 
 
+@pytest.mark.slow
 def test_erase_json_records_each_round_and_the_run_ends_when_the_attack_fails(erases):
     record = json.loads((erases / "robust" / "erase.json").read_text())
     default = json.loads((erases / "default" / "erase.json").read_text())
     rounds = record["robust_rounds"]
     assert record["settings"]["robust"] and "robust_rounds" not in default
-    assert [r["round"] for r in rounds] == list(range(1, len(rounds) + 1)) and {r["concept"] for r in rounds} == {"seven"}
-    assert rounds[0]["recovered"] >= hardening.HOLDS  # the default erase, attacked, gives seven back ...
+    assert [r["round"] for r in rounds] == list(range(1, len(rounds) + 1)) and {r["concept"] for r in rounds} == {"six"}
+    assert rounds[0]["recovered"] >= hardening.HOLDS  # the default erase, attacked, gives six back ...
     assert rounds[-1]["recovered"] < hardening.HOLDS or len(rounds) == hardening.ROUNDS  # ... until an attack fails
     assert record["steps"] > default["steps"] and len(record["trajectory"]) == record["steps"]
