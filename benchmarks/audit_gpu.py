@@ -3,6 +3,8 @@ its work on fake tensors (gpu_memory's counter, the family's packaged configs), 
 budgets run, and the seconds that predicts on each card at gpu_memory.UTILISATION. A prediction, not a measurement.
 
     python -m benchmarks.audit_gpu --out benchmarks/results/audit_gpu.json    # sd1 at 512 px; ~1 min here
+    python -m benchmarks.audit_gpu --robust-from benchmarks/results/overhead_robust.json \
+        --out benchmarks/results/audit_gpu.json      # and what --robust adds to an erase, by the demo's rounds
 
 The units, each counted once on the real code paths (attacks.Setup.errors and .loss):
 - a scored row: one caption's conditioning and a denoiser forward without gradients (the phrasings, the hard
@@ -25,8 +27,8 @@ from pathlib import Path
 PICTURES = 6  # as gpu_memory's estimate: the README's handful
 
 
-def unit_flops(family_name: str, resolution: int | None, dtype: str) -> dict:
-    """FLOPs of one scored row and of one fitting step on `family_name`'s full-size pipeline."""
+def unit_flops(family_name: str, resolution: int | None, dtype: str, fitted_pictures: int = PICTURES // 2) -> dict:
+    """FLOPs of one scored row and of one fitting step (on `fitted_pictures`) on `family_name`'s full-size pipeline."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -44,7 +46,7 @@ def unit_flops(family_name: str, resolution: int | None, dtype: str) -> dict:
             module.requires_grad_(False)
         size = resolution or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
         latent = size // pipeline.vae_scale_factor
-        fitted = torch.randn(PICTURES // 2, pipeline.unet.config.in_channels, latent, latent, dtype=compute)
+        fitted = torch.randn(fitted_pictures, pipeline.unet.config.in_channels, latent, latent, dtype=compute)
         scheduler = training_scheduler(pipeline)
         setup = attacks.Setup(pipeline, family, size, compute, "the concept", tuple(default_templates(False)), fitted,
                               scheduler, 0, ())
@@ -87,6 +89,32 @@ def audit_counts(budget: int) -> dict:
     }
 
 
+def robust_counts(results: Path) -> dict:
+    """What --robust ran on the demo beyond the default erase, on average (`benchmarks.overhead --methods
+    published,default,robust`'s results): rounds, and erase steps."""
+    import statistics
+
+    runs = json.loads(results.read_text())["runs"]
+    return {"erases": len(runs), "rounds_mean": statistics.mean(run["robust"]["rounds"] for run in runs),
+            "extra_steps_mean": statistics.mean(run["robust"]["steps"] - run["default"]["steps"] for run in runs)}
+
+
+def robust_flops(family: str, resolution: int | None, dtype: str, counts: dict) -> dict:
+    """--robust's work beyond the default erase on the full-size model: the first round's STARTS attacks and one a
+    round after it (ATTACK_STEPS fitting steps on every picture, and a check of what each brought back), and the extra
+    erase steps (gpu_memory's count of a default erase step and check)."""
+    from fewshot_erase import gpu_memory, hardening, stopping
+
+    units = unit_flops(family, resolution, dtype, fitted_pictures=PICTURES)
+    attacks = hardening.STARTS + max(0.0, counts["rounds_mean"] - 1)
+    erase = gpu_memory.estimate(family, resolution, "default", dtype=dtype)
+    check_rows = PICTURES * stopping.ADVANTAGE_REPEATS
+    return {"attacks": attacks,
+            "attack_tflops": attacks * (hardening.ATTACK_STEPS * units["fitting_step"] + check_rows * units["scored_row"]) / 1e12,
+            "extra_steps_tflops": counts["extra_steps_mean"] * erase.loop_flops_per_step / 1e12,
+            "default_erase_tflops": erase.total_flops / 1e12}
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", default="sd1")
@@ -94,6 +122,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--budget", type=int, default=64)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--robust-from", type=Path, help="overhead results with --robust runs: add --robust's cost")
     args = parser.parse_args(argv)
     from fewshot_erase import gpu_memory
 
@@ -112,6 +141,20 @@ def main(argv=None) -> dict:
         print(f"  {name:10s} {value / 1e12:8.1f} TFLOP")
     print(f"  total      {total / 1e12:8.1f} TFLOP; predicted at {gpu_memory.UTILISATION:.0%} of peak: "
           + ", ".join(f"{card} {s:.1f} s" for card, s in seconds.items()))
+    if args.robust_from:
+        counts = robust_counts(args.robust_from)
+        robust = robust_flops(args.family, args.resolution, args.dtype, counts)
+        extra = (robust["attack_tflops"] + robust["extra_steps_tflops"]) * 1e12
+        default = robust["default_erase_tflops"] * 1e12
+        result["robust"] = {**counts, **robust, "predicted_seconds": {
+            card.name: {"default_erase": default / (card.tflops * 1e12 * gpu_memory.UTILISATION),
+                        "robust_erase": (default + extra) / (card.tflops * 1e12 * gpu_memory.UTILISATION)}
+            for card in gpu_memory.CARDS}}
+        print(f"--robust ({counts['rounds_mean']:.1f} rounds, {counts['extra_steps_mean']:.1f} more steps on the demo): "
+              f"{robust['attacks']:.1f} attacks {robust['attack_tflops']:.0f} TFLOP + steps {robust['extra_steps_tflops']:.0f} "
+              f"TFLOP over the default erase's {robust['default_erase_tflops']:.0f}; "
+              + ", ".join(f"{card}: {s['default_erase']:.1f} s -> {s['robust_erase']:.1f} s"
+                          for card, s in result["robust"]["predicted_seconds"].items()))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
     return result

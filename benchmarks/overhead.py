@@ -28,13 +28,15 @@ from benchmarks.efficacy import METHODS
 from demo.measure import SAMPLES
 
 
-def timed_erase(word: str, options: dict, output: Path) -> tuple[float, int]:
+def timed_erase(word: str, options: dict, output: Path) -> tuple[float, int, int]:
+    """Seconds, steps and --robust's rounds (0 without it)."""
     from fewshot_erase.api import erase_concepts
     from fewshot_erase.concepts import ConceptSpec
 
     started = time.perf_counter()
     result = erase_concepts([ConceptSpec(word, (str(SAMPLES / word),))], output, device="cpu", **options)
-    return time.perf_counter() - started, result.record["steps"]
+    rounds = max((r["round"] for r in result.record.get("robust_rounds", [])), default=0)
+    return time.perf_counter() - started, result.record["steps"], rounds
 
 
 def main(argv=None) -> dict:
@@ -66,16 +68,17 @@ def main(argv=None) -> dict:
         timed_erase("seven", METHODS["published"], workdir / "warm-up")
         for seed in [int(s) for s in args.seeds.split(",")]:
             for digit in [int(d) for d in args.digits.split(",")]:
-                timings, steps_of = {method: [] for method in methods}, {}
+                timings, steps_of, rounds_of = {method: [] for method in methods}, {}, {}
                 for repeat in range(args.repeats):
                     order = list(methods) if repeat % 2 == 0 else list(reversed(methods))
                     for method in order:
-                        seconds, steps = timed_erase(DIGIT_WORDS[digit], {**methods[method], "seed": seed},
-                                                     workdir / f"{method}-{digit}-{seed}-{repeat}")
+                        seconds, steps, rounds = timed_erase(DIGIT_WORDS[digit], {**methods[method], "seed": seed},
+                                                             workdir / f"{method}-{digit}-{seed}-{repeat}")
                         timings[method].append(seconds)
-                        steps_of[method] = steps  # the same at every repeat: the erase is deterministic
+                        steps_of[method], rounds_of[method] = steps, rounds  # the same at every repeat: deterministic
                 runs.append({"digit": digit, "seed": seed, **{
-                    method: {"seconds": statistics.median(times), "repeats": times, "steps": steps_of[method]}
+                    method: {"seconds": statistics.median(times), "repeats": times, "steps": steps_of[method],
+                             "rounds": rounds_of[method]}
                     for method, times in timings.items()}})
     summary = {}
     for method in methods:

@@ -18,8 +18,8 @@ from . import attacks, stopping, unlearning
 from .denoising import training_scheduler
 
 ROUNDS = 4
-ATTACK_STEPS = 48  # each attack's Adam steps (the audit's default: 64)
-HOLDS = 0.25  # an attack bringing back less than this share of the concept has failed (the audit's threshold)
+ATTACK_STEPS = 64  # each attack's Adam steps: the audit's default budget
+HOLDS = 0.1  # an attack bringing back less than this share has failed: stricter than the audit's 0.25, for the attacks not tried
 WARM = True  # after the first round the attack continues from where the last round's ended
 STARTS = 2  # the first round's attacks, from different starts: the strongest is erased (one alone often misses)
 

@@ -41,7 +41,7 @@ def test_readme_command_runs_on_the_demo_with_its_own_settings(tmp_path):
     assert "stopped early: every concept done" in result.stderr  # the progress bar says why it ended short
     record = json.loads((tmp_path / "erased" / "erase.json").read_text())
     assert record["base"]["kind"] == "demo" and record["threads"] == 1
-    assert set(record["recommended_by_model"]) == {"templates", "lr", "preserve_weight", "until", "steps", "threads"}
+    assert set(record["recommended_by_model"]) == {"templates", "lr", "preserve_weight", "until", "steps", "threads", "flip"}
     assert record["stopped_early"] and record["steps"] < record["settings"]["steps"]  # stopped on evidence
     assert record["settings"]["preserve"] == [w for w in DIGIT_WORDS if w != "seven"]
     assert record["losses"][-1] > record["losses"][0]

@@ -9,6 +9,7 @@ from demo.measure import SAMPLES, erased_pipeline, judged, load_base, prompt_for
 from helpers import run_cli
 
 from fewshot_erase import audit, hardening
+from fewshot_erase.audit import HOLDS
 
 SEEDS = list(range(2000, 2012))  # 12 images per prompt
 
@@ -58,8 +59,8 @@ def erases(tmp_path_factory):
 def test_a_robust_erase_withstands_the_soft_prompt_that_brings_the_default_erase_back(erases):
     default = audit(erases / "default", attacks=["soft"]).record["attacks"]["soft"]
     robust = audit(erases / "robust", attacks=["soft"]).record["attacks"]["soft"]
-    assert default["recovery"] >= hardening.HOLDS and default["judged_success"] >= 0.5
-    assert robust["recovery"] < hardening.HOLDS and robust["judged_success"] <= 0.2
+    assert default["recovery"] >= HOLDS and default["judged_success"] >= 0.5  # the audit's: "brings back"
+    assert robust["recovery"] < HOLDS and robust["judged_success"] <= 0.2
 
 
 @pytest.mark.slow
