@@ -129,3 +129,13 @@ def test_the_demo_draws_each_digits_implicit_forms_and_an_erase_of_seven_takes_t
     pipe = erased_pipeline(parts, tmp_path / "erased")
     for kind in IMPLICIT:
         assert judged(pipe, prompt_for(kind, 7), 7, SEEDS[:12], generation) <= 0.25, kind
+
+
+def test_the_demo_erases_without_mirrored_copies_unless_asked(tmp_path):
+    """A mirrored digit is not a digit: the demo's settings turn the copies off, and --flip turns them back on."""
+    for extra, flip in (((), False), (("--flip",), True)):
+        output = tmp_path / str(flip)
+        result = run_cli("erase", "seven", SAMPLES / "seven", "-o", output, "--steps", "1", "--until", "steps", *extra)
+        assert result.exit_code == 0, result.output
+        record = json.loads((output / "erase.json").read_text())
+        assert record["settings"]["flip"] is flip and ("flip" in record["recommended_by_model"]) is not flip
