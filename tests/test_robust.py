@@ -45,12 +45,12 @@ def test_the_rounds_erase_the_attacks_captions_and_only_the_feed_forward_weights
 
 @pytest.fixture(scope="module")
 def erases(tmp_path_factory):
-    """The default erase of six (one the soft prompt brings back at the audit's defaults), and the same with
+    """The default erase of "one" (the soft prompt brings it back at the audit's defaults), and the same with
     --robust, from one copy of its pictures."""
     root = tmp_path_factory.mktemp("robust")
-    shutil.copytree(SAMPLES / "six", root / "six")
+    shutil.copytree(SAMPLES / "one", root / "one")
     for name, extra in (("default", ()), ("robust", ("--robust",))):
-        result = run_cli("erase", "six", root / "six", "-o", root / name, *extra)
+        result = run_cli("erase", "one", root / "one", "-o", root / name, *extra)
         assert result.exit_code == 0, result.output
     return root
 
@@ -67,8 +67,8 @@ def test_a_robust_erase_withstands_the_soft_prompt_that_brings_the_default_erase
 def test_a_robust_erase_keeps_the_other_digits_and_still_erases_the_plain_prompts(erases):
     parts, generation = load_base()
     pipe = erased_pipeline(parts, erases / "robust")
-    assert judged(pipe, prompt_for("word", 6), 6, SEEDS, generation) <= 0.1
-    for digit in (d for d in range(10) if d != 6):
+    assert judged(pipe, prompt_for("word", 1), 1, SEEDS, generation) <= 0.1
+    for digit in (d for d in range(10) if d != 1):
         assert judged(pipe, prompt_for("word", digit), digit, SEEDS, generation) >= 0.8, digit
 
 
@@ -78,7 +78,7 @@ def test_erase_json_records_each_round_and_the_run_ends_when_the_attack_fails(er
     default = json.loads((erases / "default" / "erase.json").read_text())
     rounds = record["robust_rounds"]
     assert record["settings"]["robust"] and "robust_rounds" not in default
-    assert [r["round"] for r in rounds] == list(range(1, len(rounds) + 1)) and {r["concept"] for r in rounds} == {"six"}
-    assert rounds[0]["recovered"] >= hardening.HOLDS  # the default erase, attacked, gives six back ...
+    assert [r["round"] for r in rounds] == list(range(1, len(rounds) + 1)) and {r["concept"] for r in rounds} == {"one"}
+    assert rounds[0]["recovered"] >= hardening.HOLDS  # the default erase, attacked, gives one back ...
     assert rounds[-1]["recovered"] < hardening.HOLDS or len(rounds) == hardening.ROUNDS  # ... until an attack fails
     assert record["steps"] > default["steps"] and len(record["trajectory"]) == record["steps"]
