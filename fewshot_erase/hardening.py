@@ -32,7 +32,7 @@ def attack(parts, target, settings, seed: int, reserved: tuple[int, ...], start=
     setup = attacks.Setup(parts.pipeline, parts.family, settings.resolution, parts.dtype, target.concept,
                           target.templates, target.latents[: target.image_count], training_scheduler(parts.pipeline),
                           seed, (), settings.max_sequence_length, reserved)
-    return attacks.soft_attack(setup, ATTACK_STEPS, start=start), setup
+    return attacks.soft_attack(setup, ATTACK_STEPS, start=start)
 
 
 def prefixed(parts, target, found) -> tuple[str, ...]:
@@ -58,7 +58,7 @@ def strongest(parts, target, settings, before, round_index: int, reserved: tuple
     starts = [last] if WARM and last is not None else [None] * STARTS
     tried = []
     for k, start in enumerate(starts):
-        found, _ = attack(parts, target, settings, settings.seed + 1 + STARTS * round_index + k, reserved, start)
+        found = attack(parts, target, settings, settings.seed + 1 + STARTS * round_index + k, reserved, start)
         tried.append((recovered(parts, target, settings, before, found), -k, found))
     share, _, found = max(tried, key=lambda t: t[:2])
     return found, share
