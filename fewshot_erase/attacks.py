@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -235,13 +235,34 @@ def prompt_attack(setup: Setup, budget: int, on_step=lambda step: None) -> Found
 
 def soft_attack(setup: Setup, budget: int, on_step=lambda step: None, start: dict | None = None) -> Found:
     """SOFT_TOKENS free embeddings prefixed to the concept's captions, started near the vocabulary's mean (random
-    words started some seeds far from any way back), or at `start` (per encoder, a robust erase's last round)."""
-    placeholders, text = placeholder_tokens(setup, SOFT_TOKENS)
-    generator = torch.Generator().manual_seed(setup.seed)
-    start = start or {name: near_mean(table[setup.words], SOFT_TOKENS, generator) for name, table in setup.tables.items()}
-    vectors = fit_embeddings(setup, setup.captions(setup.concept, text), placeholders, start, budget, on_step=on_step)
-    shown = setup.captions(setup.concept, " ".join(f"<soft-{i + 1}>" for i in range(SOFT_TOKENS)))[0]
-    return Found(setup.captions(setup.concept, text), budget, shown, placeholders=placeholders, vectors=vectors)
+    words started some seeds far from any way back), or at `start` (per encoder)."""
+    return soft_attacks([setup], budget, on_step, [start])[0]
+
+
+def soft_attacks(setups: list[Setup], budget: int, on_step=lambda step: None, starts=None) -> list[Found]:
+    """One soft prompt per setup (its pictures, its seed's start, placeholders of its own), all fitted in the same
+    steps: as many independent attacks, at about the cost of one on a small model (a UNet call costs more than its
+    rows). The fitting noise is drawn from the first setup's seed."""
+    groups, taken = [], ()
+    for setup, start in zip(setups, starts or [None] * len(setups)):
+        placeholders, text = placeholder_tokens(replace(setup, reserved=setup.reserved + taken), SOFT_TOKENS)
+        taken += placeholders
+        generator = torch.Generator().manual_seed(setup.seed)
+        start = start or {name: near_mean(table[setup.words], SOFT_TOKENS, generator) for name, table in setup.tables.items()}
+        groups.append((setup, placeholders, setup.captions(setup.concept, text), start))
+    first = setups[0]
+    if len(groups) == 1:
+        fitted, captions = first, groups[0][2]
+    else:  # row i reads its picture's group's caption i (modulo their count), as one attack's rows do
+        fitted = replace(first, fit_latents=torch.cat([setup.fit_latents for setup in setups]))
+        owner = [k for k, setup in enumerate(setups) for _ in range(len(setup.fit_latents))]
+        captions = tuple(groups[owner[i % len(owner)]][2][i % len(groups[0][2])] for i in range(FIT_REPEATS * len(owner)))
+    vectors = fit_embeddings(fitted, captions, taken, {name: torch.cat([g[3][name] for g in groups]) for name in first.tables},
+                             budget, on_step=on_step)
+    shown = first.captions(first.concept, " ".join(f"<soft-{i + 1}>" for i in range(SOFT_TOKENS)))[0]
+    return [Found(group_captions, budget, shown, placeholders=placeholders,
+                  vectors={name: v[SOFT_TOKENS * k:SOFT_TOKENS * (k + 1)] for name, v in vectors.items()})
+            for k, (_, placeholders, group_captions, _) in enumerate(groups)]
 
 
 def near_mean(rows: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:

@@ -2,11 +2,13 @@
 feed-forward weights only (adversarial training in the manner of AdvUnlearn, Zhang et al. 2024).
 
 After the plain erase (unlearning.run), each round attacks the patched encoder as the audit does: free token
-embeddings before the concept's captions, fitted on the concept's pictures to bring it back (attacks.soft_attack;
-the first round from STARTS starts, later rounds continuing the strongest). Where the attack brings back HOLDS or
-more of the concept, its learned prefix joins the concept's captions (placeholder words, whose embeddings are the
-learned vectors for the rest of the run) and the erase runs again, from where it stands, until those captions are
-gone too. The run ends when an attack fails, or after ROUNDS rounds. How the constants were chosen: docs/audit.md.
+embeddings before the concept's captions, fitted on half of its pictures to bring it back and scored on the other
+half by the audit's recovery (audit.Scoring, against the original encoder's losses, taken before the erase). Each
+round fits two fresh attacks at once, one on each half. Every attack that brings back HOLDS or more of the concept
+lends its learned prefix to the concept's captions (placeholder words, whose embeddings are the learned vectors for
+the rest of the run), and the erase runs again, from where it stands, until those captions and the plain ones are
+gone. The run ends when every attack of a round fails, or after ROUNDS rounds. How the constants were chosen:
+docs/audit.md.
 """
 
 from __future__ import annotations
@@ -14,25 +16,54 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 
-from . import attacks, stopping, unlearning
+from . import attacks, unlearning
+from .audit import SCORE_REPEATS, SCORE_SEED, Scoring, split
 from .denoising import training_scheduler
 
 ROUNDS = 4
 ATTACK_STEPS = 64  # each attack's Adam steps: the audit's default budget
+STARTS = 2  # attacks fitted on each half in a round, from different starts: one alone missed what the audit found
 HOLDS = 0.1  # an attack bringing back less than this share has failed: stricter than the audit's 0.25, for the attacks not tried
-WARM = True  # after the first round the attack continues from where the last round's ended
-STARTS = 2  # the first round's attacks, from different starts: the strongest is erased (one alone often misses)
 
 
-def attack(parts, target, settings, seed: int, reserved: tuple[int, ...], start=None):
-    """The audit's soft prompt against the patched encoder, fitted on all of the target's pictures (the weights
-    held still: the next erase run takes them up again)."""
+@dataclasses.dataclass
+class Half:
+    """One way of splitting a concept's pictures, as the audit does: the attack fits on some and is scored on the
+    others, against the original encoder's losses there."""
+
+    name: str
+    scoring: Scoring
+    references: dict[str, float]
+
+
+def halves(parts, target, settings) -> list[Half]:
+    """The audit's split and its mirror image (one picture: fitted and scored on itself), with the losses of the
+    encoder as it is now: taken before the erase."""
+    count = target.image_count
+    fitted, held = split(count) if count > 1 else ([0], [0])
+    ways = [("even", fitted, held), ("odd", held, fitted)] if count > 1 else [("all", fitted, held)]
+    scheduler = training_scheduler(parts.pipeline)
+    made = []
+    for name, fit, scored in ways:
+        setup = attacks.Setup(parts.pipeline, parts.family, settings.resolution, parts.dtype, target.concept,
+                              target.templates, target.latents[fit], scheduler, settings.seed, (),
+                              settings.max_sequence_length)
+        scoring = Scoring(setup, setup, attacks.fixed_rows(target.latents[scored], SCORE_REPEATS, scheduler, SCORE_SEED))
+        made.append(Half(name, scoring, scoring.references()))
+    return made
+
+
+def attack(parts, ways: list[Half], seed: int, reserved: tuple[int, ...]) -> list[tuple[Half, object, float]]:
+    """STARTS fresh soft prompts fitted on each half's pictures against the patched encoder (its weights held still:
+    the next erase run takes them up again), each with the share of the concept it brings back on the other half."""
     for name in parts.family.encoders:
         parts.text_encoder(name).requires_grad_(False)
-    setup = attacks.Setup(parts.pipeline, parts.family, settings.resolution, parts.dtype, target.concept,
-                          target.templates, target.latents[: target.image_count], training_scheduler(parts.pipeline),
-                          seed, (), settings.max_sequence_length, reserved)
-    return attacks.soft_attack(setup, ATTACK_STEPS, start=start)
+    tried = [half for half in ways for _ in range(STARTS)]
+    setups = [dataclasses.replace(half.scoring.patched, seed=seed + k, reserved=reserved) for k, half in enumerate(tried)]
+    found = attacks.soft_attacks(setups, ATTACK_STEPS)
+    # recovery None: the original captions never helped there, so there is nothing to bring back
+    return [(half, f, half.scoring.result(f, half.references, ATTACK_STEPS, 0.0)["recovery"] or 0.0)
+            for f, half in zip(found, tried)]
 
 
 def prefixed(parts, target, found) -> tuple[str, ...]:
@@ -41,53 +72,29 @@ def prefixed(parts, target, found) -> tuple[str, ...]:
     return tuple(f"{words} {template}" for template in target.templates)
 
 
-def recovered(parts, target, settings, before, found) -> float:
-    """The share of the concept's original advantage that the attack's captions give back (stopping.advantage, on
-    the stop check's fixed noise)."""
-    probe = dataclasses.replace(target, templates=prefixed(parts, target, found), hardened=())
-    with found.active(parts.pipeline, parts.family):
-        regained = stopping.advantage(parts, probe, training_scheduler(parts.pipeline), before.empty, settings,
-                                      dict(before.blank))
-    original = before.advantage[target.concept]
-    return max(0.0, regained / original) if original > 0 else 0.0
-
-
-def strongest(parts, target, settings, before, round_index: int, reserved: tuple[int, ...], last):
-    """This round's attack on `target`: STARTS fresh ones in the first round, the last round's strongest continued
-    (WARM) after it; the one that brings back the most, and that share."""
-    starts = [last] if WARM and last is not None else [None] * STARTS
-    tried = []
-    for k, start in enumerate(starts):
-        found = attack(parts, target, settings, settings.seed + 1 + STARTS * round_index + k, reserved, start)
-        tried.append((recovered(parts, target, settings, before, found), -k, found))
-    share, _, found = max(tried, key=lambda t: t[:2])
-    return found, share
-
-
 def run(parts, targets, settings, before, on_step=lambda step, loss: None) -> unlearning.LoopResult:
-    """The plain erase, then rounds of attack and erase until the attack fails."""
-    result = unlearning.run(parts, targets, settings, before, on_step)
+    """The plain erase, then rounds of attack and erase until every attack of a round fails."""
+    targets = list(targets)  # the caller's stay as they were: the report after the run reads their plain captions
+    splits = {i: halves(parts, t, settings) for i, t in enumerate(targets) if not t.anchor}
+    result = unlearning.run(parts, targets, settings, before, on_step, hold_empty=True)
     trajectory, losses = list(result.trajectory), list(result.losses)
-    rounds, reserved, last = [], (), {}
+    rounds, reserved = [], ()
     with contextlib.ExitStack() as learned:
         for round_index in range(ROUNDS):
-            found = []
-            for i, target in enumerate(targets):
-                if target.anchor:
-                    continue
-                attacked, share = strongest(parts, target, settings, before, round_index, reserved, last.get(i))
-                last[i] = attacked.vectors
-                rounds.append({"round": round_index + 1, "concept": target.concept, "recovered": share})
-                if share >= HOLDS:
-                    found.append((i, attacked))
-                reserved += attacked.placeholders
-            if not found:
+            hardened = False
+            for i, ways in splits.items():
+                for half, found, share in attack(parts, ways, settings.seed + 1 + 2 * STARTS * round_index, reserved):
+                    rounds.append({"round": round_index + 1, "concept": targets[i].concept, "fitted": half.name,
+                                   "recovered": share})
+                    if share < HOLDS:
+                        continue
+                    hardened = True
+                    reserved += found.placeholders
+                    learned.enter_context(found.active(parts.pipeline, parts.family))
+                    targets[i] = dataclasses.replace(targets[i], hardened=targets[i].hardened + prefixed(parts, targets[i], found))
+            if not hardened:
                 break
-            for i, attacked in found:
-                learned.enter_context(attacks.learned_tokens(parts.pipeline, parts.family, attacked.placeholders, attacked.vectors))
-                targets = [dataclasses.replace(t, hardened=t.hardened + prefixed(parts, t, attacked)) if j == i else t
-                           for j, t in enumerate(targets)]
-            result = unlearning.run(parts, targets, settings, before, on_step)
+            result = unlearning.run(parts, targets, settings, before, on_step, hold_empty=True)
             trajectory += result.trajectory
             losses += result.losses
     return unlearning.LoopResult(losses, trajectory, result.stopped_early, result.trained, rounds)

@@ -14,7 +14,7 @@ evidence (stopping.py). Read top to bottom: select the weights, encode the pictu
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -270,10 +270,21 @@ def repair_step(loop: Loop, kept: list[str], held: list[str]) -> dict:
     return {"repair": True, **recorded}
 
 
+def checked_advantage(loop: Loop, target: Target, before: Snapshot) -> float:
+    """The concept's advantage at a check (stopping.py); with --robust's learned prefixes, the worse of its own
+    captions' and theirs: erasing the prefixed captions alone let the plain ones come back."""
+    def of(templates: tuple[str, ...]) -> float:
+        probe = replace(target, templates=templates, hardened=())
+        return stopping.advantage(loop.parts, probe, loop.scheduler, before.empty, loop.settings, before.blank)
+
+    return max(of(target.templates), of(target.hardened)) if target.hardened else of(target.templates)
+
+
 def run(parts, targets: list[Target], settings: EraseSettings, before: Snapshot,
-        on_step: Callable[[int, float], None] = lambda step, loss: None) -> LoopResult:
+        on_step: Callable[[int, float], None] = lambda step, loss: None, hold_empty: bool = False) -> LoopResult:
     """Erase `targets` from the text encoder(s) of `parts`; `before` is the report's snapshot of the original
-    encoder (its advantages, empty caption and kept captions are the stopping rule's and retain term's reference)."""
+    encoder (its advantages, empty caption and kept captions are the stopping rule's and retain term's reference).
+    `hold_empty`: the empty caption joins the retain term where it was (--robust: hardening.py says why)."""
     pipeline, family, dtype = parts.pipeline, parts.family, parts.dtype
     resolution = settings.resolution or parts.resolution
     trained = prepare_encoders(parts, settings)
@@ -295,6 +306,8 @@ def run(parts, targets: list[Target], settings: EraseSettings, before: Snapshot,
     losses, trajectory = [], []
     active = list(range(len(targets)))  # with --until, a concept found done leaves the rotation
     held: dict[str, list[str]] = {}  # with --until: concept found done -> its captions, held where they were then
+    if hold_empty:
+        held[""], frozen[""] = [""], before.empty
     repairing = False  # with --until: every concept is done, but a kept one has drifted past the bound
     encoders = [parts.text_encoder(name) for name in family.encoders]
     stepping = (stepping_on_host(trained, settings, dtype, parts.host, parts.held) if settings.low_memory
@@ -312,8 +325,8 @@ def run(parts, targets: list[Target], settings: EraseSettings, before: Snapshot,
                 losses.append(trajectory[-1]["loss"])
             on_step(step, losses[-1])
             if settings.until and step + 1 >= earliest_stop and (step + 1) % settings.until_window == 0:
-                trajectory[-1]["advantage"] = {targets[i].concept: stopping.advantage(
-                    parts, targets[i], loop.scheduler, before.empty, settings, before.blank) for i in active}
+                trajectory[-1]["advantage"] = {targets[i].concept: checked_advantage(loop, targets[i], before)
+                                               for i in active}
                 still = stopping.still_there(targets, active, before.advantage, before.blank, trajectory)
                 for i in active if settings.preserve_weight > 0 else ():
                     if i not in still and not targets[i].anchor and targets[i].concept not in held:
