@@ -100,17 +100,21 @@ def robust_counts(results: Path) -> dict:
 
 
 def robust_flops(family: str, resolution: int | None, dtype: str, counts: dict) -> dict:
-    """--robust's work beyond the default erase on the full-size model: the first round's STARTS attacks and one a
-    round after it (ATTACK_STEPS fitting steps on every picture, and a check of what each brought back), and the extra
-    erase steps (gpu_memory's count of a default erase step and check)."""
-    from fewshot_erase import gpu_memory, hardening, stopping
+    """--robust's work beyond the default erase on the full-size model: each round's attacks (STARTS on each half of
+    the pictures, fitted together: STARTS fitting steps on every picture, ATTACK_STEPS times), each scored on the
+    other half, the two halves' reference losses once, and the extra erase steps (gpu_memory's count of a default
+    erase step and check)."""
+    from fewshot_erase import gpu_memory, hardening
+    from fewshot_erase.audit import SCORE_REPEATS
 
     units = unit_flops(family, resolution, dtype, fitted_pictures=PICTURES)
-    attacks = hardening.STARTS + max(0.0, counts["rounds_mean"] - 1)
+    rounds = counts["rounds_mean"]
+    half_rows = SCORE_REPEATS * PICTURES / 2
+    scored = rounds * 2 * hardening.STARTS * half_rows + 2 * 3 * half_rows  # each attack; L_empty, L_original, erased
     erase = gpu_memory.estimate(family, resolution, "default", dtype=dtype)
-    check_rows = PICTURES * stopping.ADVANTAGE_REPEATS
-    return {"attacks": attacks,
-            "attack_tflops": attacks * (hardening.ATTACK_STEPS * units["fitting_step"] + check_rows * units["scored_row"]) / 1e12,
+    return {"attacks": rounds * 2 * hardening.STARTS,
+            "attack_tflops": (rounds * hardening.STARTS * hardening.ATTACK_STEPS * units["fitting_step"]
+                              + scored * units["scored_row"]) / 1e12,
             "extra_steps_tflops": counts["extra_steps_mean"] * erase.loop_flops_per_step / 1e12,
             "default_erase_tflops": erase.total_flops / 1e12}
 

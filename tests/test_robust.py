@@ -86,5 +86,6 @@ def test_erase_json_records_each_round_and_the_run_ends_when_the_attack_fails(er
     assert len(first) == 2 * hardening.STARTS and max(first) >= hardening.HOLDS  # the default erase, attacked, gives one back ...
     assert max(last) < hardening.HOLDS or rounds[-1]["round"] == hardening.ROUNDS  # ... until a round's attacks fail
     assert record["steps"] > default["steps"] and len(record["trajectory"]) == record["steps"]
+    assert record["effects"]["erased"]["one"]["gone"]  # the plain captions too, not only the attacks' (checked_advantage)
 
 
