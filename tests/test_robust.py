@@ -89,3 +89,14 @@ def test_erase_json_records_each_round_and_the_run_ends_when_the_attack_fails(er
     assert record["effects"]["erased"]["one"]["gone"]  # the plain captions too, not only the attacks' (checked_advantage)
 
 
+
+
+def test_the_summary_line_gives_each_rounds_strongest_attack():
+    from fewshot_erase.cli.erase import robust_line
+
+    rounds = [{"round": 1, "concept": "one", "fitted": "even", "recovered": 0.2},
+              {"round": 1, "concept": "one", "fitted": "odd", "recovered": 0.53},
+              {"round": 2, "concept": "one", "fitted": "even", "recovered": 0.0},
+              {"round": 2, "concept": "one", "fitted": "odd", "recovered": 0.04}]
+    line = robust_line(rounds, "erased-one")
+    assert "hardened in 2 rounds" in line and "brought back 53%, then 4%" in line and line.endswith("audit erased-one")

@@ -103,9 +103,12 @@ def erase_command(concept, images, output, model, style, templates, seed, steps,
 
 
 def robust_line(rounds: list[dict], output: str) -> str:
-    """What --robust's rounds found: the share of the concept each round's soft prompt brought back."""
+    """What --robust's rounds found: the most of the concept a round's soft prompts brought back, round by round."""
     named = len({r["concept"] for r in rounds}) > 1
-    shares = [f"{r['concept'] + ' ' if named else ''}{r['recovered']:.0%}" for r in rounds]
+    best: dict[tuple[int, str], float] = {}
+    for r in rounds:  # several attacks a round: its strongest
+        best[r["round"], r["concept"]] = max(best.get((r["round"], r["concept"]), 0.0), r["recovered"])
+    shares = [f"{concept + ' ' if named else ''}{share:.0%}" for (_, concept), share in best.items()]
     found = shares[0] if len(shares) == 1 else ", ".join(shares[:-1]) + ", then " + shares[-1]
     count = max(r["round"] for r in rounds)
     return (f"  hardened in {count} round{'s' if count != 1 else ''} of the soft-prompt attack, which brought back "
