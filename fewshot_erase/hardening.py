@@ -4,11 +4,12 @@ feed-forward weights only (adversarial training in the manner of AdvUnlearn, Zha
 After the plain erase (unlearning.run), each round attacks the patched encoder as the audit does: free token
 embeddings before the concept's captions, fitted on half of its pictures to bring it back and scored on the other
 half by the audit's recovery (audit.Scoring, against the original encoder's losses, taken before the erase). Each
-round fits two fresh attacks at once, one on each half. Every attack that brings back HOLDS or more of the concept
-lends its learned prefix to the concept's captions (placeholder words, whose embeddings are the learned vectors for
-the rest of the run), and the erase runs again, from where it stands, until those captions and the plain ones are
-gone. The run ends when every attack of a round fails, or after ROUNDS rounds. How the constants were chosen:
-docs/audit.md.
+round fits fresh attacks, STARTS on each half, all in the same steps. Every attack that brings back HOLDS or more of
+the concept lends its learned prefix to the concept's captions (placeholder words, whose embeddings are the learned
+vectors for the rest of the run), and the erase runs again, from where it stands, until those captions and the plain
+ones are gone. The run ends when every attack of a round fails, or after ROUNDS rounds. Throughout, the empty caption
+is held in the retain term: guidance draws away from it, and moved away from the concept it let an attack that
+denoised no better than it draw the concept. How the constants were chosen: docs/audit.md.
 """
 
 from __future__ import annotations
