@@ -18,7 +18,7 @@ import contextlib
 import dataclasses
 
 from . import attacks, unlearning
-from .audit import SCORE_REPEATS, SCORE_SEED, Scoring, split
+from .audit import SCORE_REPEATS, SCORE_SEED, Scoring, recovery, split
 from .denoising import training_scheduler
 
 ROUNDS = 4
@@ -62,9 +62,11 @@ def attack(parts, ways: list[Half], seed: int, reserved: tuple[int, ...]) -> lis
     tried = [half for half in ways for _ in range(STARTS)]
     setups = [dataclasses.replace(half.scoring.patched, seed=seed + k, reserved=reserved) for k, half in enumerate(tried)]
     found = attacks.soft_attacks(setups, ATTACK_STEPS)
-    # recovery None: the original captions never helped there, so there is nothing to bring back
-    return [(half, f, half.scoring.result(f, half.references, ATTACK_STEPS, 0.0)["recovery"] or 0.0)
-            for f, half in zip(found, tried)]
+    def brought_back(half: Half, f) -> float:  # None: the original captions never helped there, nothing to bring back
+        attacked = half.scoring.loss(half.scoring.patched, f.captions, f)
+        return recovery(half.references["empty"], half.references["original"], attacked) or 0.0
+
+    return [(half, f, brought_back(half, f)) for f, half in zip(found, tried)]
 
 
 def prefixed(parts, target, found) -> tuple[str, ...]:
