@@ -16,6 +16,7 @@ from .erase import erase_command
 from .export import export_command
 from .inspect import inspect_command
 from .memory import memory_command
+from .render import exit_interrupted
 
 
 class Commands(click.Group):
@@ -35,7 +36,7 @@ class Commands(click.Group):
             sys.exit(error.exit_code)
         except click.Abort:
             click.echo("interrupted: stopped; nothing was written", err=True)
-            sys.exit(130)
+            exit_interrupted()
         sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -71,7 +71,7 @@ def handled(quiet: bool = False):
             sys.exit(error.exit_code)
         except KeyboardInterrupt:
             stderr.print("[red]interrupted:[/] stopped; nothing was written", soft_wrap=True)
-            sys.exit(INTERRUPTED)
+            exit_interrupted()
         except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise
         except Exception as error:  # a bug or an environment fault: one line, unless asked for the traceback
@@ -83,6 +83,14 @@ def handled(quiet: bool = False):
             sys.exit(1)
         finally:
             FROM_CLI.reset(token)
+
+
+def exit_interrupted() -> None:
+    """Exit 130 now, the outputs already unwound: left to the interpreter's shutdown, a run interrupted while its
+    libraries were importing sometimes died by the signal instead (exit -2)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(INTERRUPTED)
 
 
 def verdict(effect: dict) -> str:
