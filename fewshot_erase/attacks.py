@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import weakref
 from dataclasses import dataclass, field, replace
 
@@ -180,7 +181,8 @@ def placeholder_tokens(setup: Setup, count: int) -> tuple[tuple[int, ...], str]:
     """`count` rare words (the vocabulary's last merges) that no caption of the concept holds, and their text."""
     tokenizer = setup.pipeline.tokenizer
     used = {i for ids in tokenizer(list(setup.captions(setup.concept))).input_ids for i in ids}
-    rare = tuple(int(i) for i in setup.words.flip(0) if int(i) not in used and int(i) not in setup.reserved)[:count]
+    taken = used | set(setup.reserved)
+    rare = tuple(itertools.islice((i for i in reversed(setup.words.tolist()) if i not in taken), count))
     return rare, tokenizer.decode(list(rare)).strip()
 
 

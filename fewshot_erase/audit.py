@@ -207,11 +207,12 @@ class Scoring:
                 total += setup.loss(captions, part).item() * len(part)
         return total / len(self.rows)
 
-    def references(self) -> dict[str, float]:
-        """L_empty and L_original (the original encoder), and the patched encoder's loss with the concept's captions."""
+    def references(self, erased: bool = True) -> dict[str, float]:
+        """L_empty and L_original (the original encoder), and the patched encoder's loss with the concept's captions
+        (`erased`: a robust erase takes its references before there is an erase)."""
         captions = self.base.captions(self.base.concept)
-        return {"empty": self.loss(self.base, ("",)), "original": self.loss(self.base, captions),
-                "erased": self.loss(self.patched, captions)}
+        losses = {"empty": self.loss(self.base, ("",)), "original": self.loss(self.base, captions)}
+        return {**losses, "erased": self.loss(self.patched, captions)} if erased else losses
 
     def result(self, found, losses: dict[str, float], budget: int, seconds: float) -> dict:
         attacked = self.loss(self.patched, found.captions, found)
