@@ -309,7 +309,7 @@ def audit(output: str | Path, images: Sequence[str | Path] | None = None, *, att
     flow = record["base"]["family"] in FLOW_FAMILIES
     chosen = chosen_attacks(attacks or (("prompts",) if flow else None))
     if flow and set(chosen) - {"prompts"}:
-        raise BadInput(f"on an SD 3.x or FLUX.1 erase audit runs the prompts attack only (the soft prompt, hard prompt and "
+        raise BadInput("on an SD 3.x or FLUX.1 erase audit runs the prompts attack only (the soft prompt, hard prompt and "
                        "inversion learn CLIP token embeddings, and T5 reads another vocabulary); pass --attack prompts")
     counts = budgets(chosen, budget)
     if judge_images < 1:

@@ -165,15 +165,12 @@ def ray_run(tiny_model, pictures, tmp_path_factory):
     return folder, manifest, run_cli_process("batch", manifest, "--ray", "--workers", "2", "-q", timeout=300)
 
 
-def test_ray_run_writes_what_erase_alone_writes_a_bad_job_fails_alone_and_a_rerun_skips(ray_run, tiny_model, pictures,
-                                                                                          tmp_path):
-    folder, manifest, result = ray_run
+def test_ray_run_writes_what_erase_alone_writes_and_a_bad_job_fails_alone(ray_run, tiny_model, pictures, tmp_path):
+    """(A rerun's skips are the same batch.run_job on either engine: the local run's test above reruns.)"""
+    folder, _, result = ray_run
     assert result.returncode == 1, result.stderr
     check_lines(folder)
     check_outputs(tiny_model("sd1"), pictures, folder, tmp_path)
-    rerun = run_cli_process("batch", manifest, "--ray", "--workers", "2", "-q", timeout=300)
-    assert rerun.returncode == 1 and [line["status"] for _, line in sorted(results(folder).items())] == \
-        ["skipped", "skipped", "failed"]
 
 
 def free_port() -> int:
