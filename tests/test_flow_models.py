@@ -17,7 +17,6 @@ from helpers import run_cli, run_cli_process, with_encoders
 from fewshot_erase import conditioning, denoising, families, images, unlearning
 from fewshot_erase.api import erase
 from fewshot_erase.apply import apply
-from fewshot_erase.export import export
 
 LENGTH = flow.TINY_MAX_SEQUENCE_LENGTH
 SIZE = {"resolution": 8}  # FLUX's pipeline would generate at 128 latent pixels a side: 256 px for the tiny one
