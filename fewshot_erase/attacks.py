@@ -245,13 +245,6 @@ def soft_attacks(setups: list[Setup], budget: int, on_step=lambda step: None, st
     """One soft prompt per setup (its pictures, its seed's start, placeholders of its own), all fitted in the same
     steps: as many independent attacks, at about the cost of one on a small model (a UNet call costs more than its
     rows). The fitting noise is drawn from the first setup's seed."""
-    return soft_attack_path(setups, budget, (budget,), on_step, starts)[budget]
-
-
-def soft_attack_path(setups: list[Setup], budget: int, at: tuple[int, ...], on_step=lambda step: None,
-                     starts=None) -> dict[int, list[Found]]:
-    """soft_attacks, with what each had found after each step count in `at` (a fit with fewer steps is the start of
-    this one: the same noise, the same Adam steps)."""
     groups, taken = [], ()
     for setup, start in zip(setups, starts or [None] * len(setups)):
         placeholders, text = placeholder_tokens(replace(setup, reserved=setup.reserved + taken), SOFT_TOKENS)
@@ -266,15 +259,12 @@ def soft_attack_path(setups: list[Setup], budget: int, at: tuple[int, ...], on_s
         fitted = replace(first, fit_latents=torch.cat([setup.fit_latents for setup in setups]))
         owner = [k for k, setup in enumerate(setups) for _ in range(len(setup.fit_latents))]
         captions = tuple(groups[owner[i % len(owner)]][2][i % len(groups[0][2])] for i in range(FIT_REPEATS * len(owner)))
+    vectors = fit_embeddings(fitted, captions, taken, {name: torch.cat([g[3][name] for g in groups]) for name in first.tables},
+                             budget, on_step=on_step)
     shown = first.captions(first.concept, " ".join(f"<soft-{i + 1}>" for i in range(SOFT_TOKENS)))[0]
-    starts = {name: torch.cat([g[3][name] for g in groups]) for name in first.tables}
-    path = {}
-    for steps, vectors in embedding_steps(fitted, captions, taken, starts, budget, on_step=on_step):
-        if steps in at:
-            path[steps] = [Found(group_captions, steps, shown, placeholders=placeholders,
-                                 vectors={name: v[SOFT_TOKENS * k:SOFT_TOKENS * (k + 1)].clone() for name, v in vectors.items()})
-                           for k, (_, placeholders, group_captions, _) in enumerate(groups)]
-    return path
+    return [Found(group_captions, budget, shown, placeholders=placeholders,
+                  vectors={name: v[SOFT_TOKENS * k:SOFT_TOKENS * (k + 1)] for name, v in vectors.items()})
+            for k, (_, placeholders, group_captions, _) in enumerate(groups)]
 
 
 def near_mean(rows: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
@@ -325,19 +315,9 @@ def step_size(table: torch.Tensor) -> float:
 
 def fit_embeddings(setup: Setup, captions: tuple[str, ...], placeholders: tuple[int, ...],
                    start: dict[str, torch.Tensor], budget: int, project=None, on_step=lambda step: None) -> dict:
-    """embedding_steps to the end: the embeddings after the last step."""
-    vectors = start
-    for _, vectors in embedding_steps(setup, captions, placeholders, start, budget, project, on_step):
-        pass
-    return vectors
-
-
-def embedding_steps(setup: Setup, captions: tuple[str, ...], placeholders: tuple[int, ...],
-                    start: dict[str, torch.Tensor], budget: int, project=None, on_step=lambda step: None):
     """Adam on the placeholders' embeddings, minimising the erased model's denoising loss on the fitted pictures,
     fresh noise every step (a fixed draw let the soft prompt fit the noise); `project` maps them to what is
-    forwarded (the hard attack's projection). Yields the steps taken and the embeddings after them (views that
-    the next step moves)."""
+    forwarded (the hard attack's projection). The embeddings after the last step."""
     continuous = {name: vector.clone().requires_grad_(True) for name, vector in start.items()}
     optimizer = torch.optim.Adam([{"params": [vector], "lr": step_size(setup.tables[name])}
                                   for name, vector in continuous.items()])
@@ -350,4 +330,4 @@ def embedding_steps(setup: Setup, captions: tuple[str, ...], placeholders: tuple
         loss.backward()
         optimizer.step()
         on_step(step)
-        yield step + 1, {name: vector.detach() for name, vector in continuous.items()}
+    return {name: vector.detach() for name, vector in continuous.items()}

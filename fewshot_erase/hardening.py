@@ -4,8 +4,7 @@ feed-forward weights only (adversarial training in the manner of AdvUnlearn, Zha
 After the plain erase (unlearning.run), each round attacks the patched encoder as the audit does: free token
 embeddings before the concept's captions, fitted on half of its pictures to bring it back and scored on the other
 half by the audit's recovery (audit.Scoring, against the original encoder's losses, taken before the erase). Each
-round fits fresh attacks, STARTS on each half, all in the same steps, each scored at SCORED_STEPS and at its last step
-and taken where it brought back most. Every attack that brings back HOLDS or more of
+round fits fresh attacks, STARTS on each half, all in the same steps. Every attack that brings back HOLDS or more of
 the concept lends its learned prefix to the concept's captions (placeholder words, whose embeddings are the learned
 vectors for the rest of the run), and the erase runs again, from where it stands, until those captions and the plain
 ones are gone. The run ends when every attack of a round fails, or after ROUNDS rounds. Throughout, the empty caption
@@ -25,9 +24,6 @@ from .denoising import training_scheduler
 ROUNDS = 4
 ATTACK_STEPS = 64  # each attack's Adam steps: the audit's default budget
 STARTS = 2  # attacks fitted on each half in a round, from different starts: one alone missed what the audit found
-# Where each attack's fit is scored besides its last step: Adam's path is no steady climb, and in the first round of
-# the demo's 20 erases an attack held at one of these in 17 erases, at the last step in 15 (docs/audit.md).
-SCORED_STEPS = (32, 48)
 HOLDS = 0.1  # an attack bringing back less than this share has failed: stricter than the audit's 0.25, for the attacks not tried
 
 
@@ -60,24 +56,17 @@ def halves(parts, target, settings) -> list[Half]:
 
 def attack(parts, ways: list[Half], seed: int, reserved: tuple[int, ...]) -> list[tuple[Half, object, float]]:
     """STARTS fresh soft prompts fitted on each half's pictures against the patched encoder (its weights held still:
-    the next erase run takes them up again), each with the share of the concept it brings back on the other half:
-    the most it brought back at any of its scored steps."""
+    the next erase run takes them up again), each with the share of the concept it brings back on the other half."""
     for name in parts.family.encoders:
         parts.text_encoder(name).requires_grad_(False)
     tried = [half for half in ways for _ in range(STARTS)]
     setups = [dataclasses.replace(half.scoring.patched, seed=seed + k, reserved=reserved) for k, half in enumerate(tried)]
-    scored = tuple(step for step in SCORED_STEPS if step < ATTACK_STEPS) + (ATTACK_STEPS,)
-    path = attacks.soft_attack_path(setups, ATTACK_STEPS, scored)
-
+    found = attacks.soft_attacks(setups, ATTACK_STEPS)
     def brought_back(half: Half, f) -> float:  # None: the original captions never helped there, nothing to bring back
         attacked = half.scoring.loss(half.scoring.patched, f.captions, f)
         return recovery(half.references["empty"], half.references["original"], attacked) or 0.0
 
-    def strongest(k: int, half: Half) -> tuple[Half, object, float]:
-        share, found = max(((brought_back(half, path[step][k]), path[step][k]) for step in scored), key=lambda s: s[0])
-        return half, found, share
-
-    return [strongest(k, half) for k, half in enumerate(tried)]
+    return [(half, f, brought_back(half, f)) for f, half in zip(found, tried)]
 
 
 def prefixed(parts, target, found) -> tuple[str, ...]:
@@ -99,7 +88,7 @@ def run(parts, targets, settings, before, on_step=lambda step, loss: None) -> un
             for i, ways in splits.items():
                 for half, found, share in attack(parts, ways, settings.seed + 1 + 2 * STARTS * round_index, reserved):
                     rounds.append({"round": round_index + 1, "concept": targets[i].concept, "fitted": half.name,
-                                   "steps": found.steps, "recovered": share})
+                                   "recovered": share})
                     if share < HOLDS:
                         continue
                     hardened = True
