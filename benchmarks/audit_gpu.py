@@ -102,7 +102,7 @@ def robust_counts(results: Path) -> dict:
 def robust_flops(family: str, resolution: int | None, dtype: str, counts: dict) -> dict:
     """--robust's work beyond the default erase on the full-size model: each round's attacks (STARTS on each half of
     the pictures, fitted together: STARTS fitting steps on every picture, ATTACK_STEPS times), each scored on the
-    other half, the two halves' reference losses once, and the extra erase steps (gpu_memory's count of a default
+    other half, each half's two reference losses once, and the extra erase steps (gpu_memory's count of a default
     erase step and check)."""
     from fewshot_erase import gpu_memory, hardening
     from fewshot_erase.audit import SCORE_REPEATS
@@ -110,7 +110,7 @@ def robust_flops(family: str, resolution: int | None, dtype: str, counts: dict) 
     units = unit_flops(family, resolution, dtype, fitted_pictures=PICTURES)
     rounds = counts["rounds_mean"]
     half_rows = SCORE_REPEATS * PICTURES / 2
-    scored = rounds * 2 * hardening.STARTS * half_rows + 2 * 3 * half_rows  # each attack; L_empty, L_original, erased
+    scored = rounds * 2 * hardening.STARTS * half_rows + 2 * 2 * half_rows  # each attack; each half's L_empty, L_original
     erase = gpu_memory.estimate(family, resolution, "default", dtype=dtype)
     return {"attacks": rounds * 2 * hardening.STARTS,
             "attack_tflops": (rounds * hardening.STARTS * hardening.ATTACK_STEPS * units["fitting_step"]

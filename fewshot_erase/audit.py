@@ -207,12 +207,9 @@ class Scoring:
                 total += setup.loss(captions, part).item() * len(part)
         return total / len(self.rows)
 
-    def references(self, erased: bool = True) -> dict[str, float]:
-        """L_empty and L_original (the original encoder), and the patched encoder's loss with the concept's captions
-        (`erased`: a robust erase takes its references before there is an erase)."""
-        captions = self.base.captions(self.base.concept)
-        losses = {"empty": self.loss(self.base, ("",)), "original": self.loss(self.base, captions)}
-        return {**losses, "erased": self.loss(self.patched, captions)} if erased else losses
+    def references(self) -> dict[str, float]:
+        """L_empty and L_original: the original encoder's losses that recovery is measured between."""
+        return {"empty": self.loss(self.base, ("",)), "original": self.loss(self.base, self.base.captions(self.base.concept))}
 
     def result(self, found, losses: dict[str, float], budget: int, seconds: float) -> dict:
         attacked = self.loss(self.patched, found.captions, found)
@@ -326,7 +323,8 @@ def audit(output: str | Path, images: Sequence[str | Path] | None = None, *, att
         shipped = demo_phrasings(entry["concept"]) if source.kind == "demo" else []
         battery = prompt_battery(entry["concept"], entry["templates"], user_prompts, shipped)
         scoring = prepare(parts, erased, record, entry, loaded, battery, seed)
-        losses = scoring.references()
+        erased_captions = scoring.loss(scoring.patched, scoring.patched.captions(scoring.patched.concept))
+        losses = {**scoring.references(), "erased": erased_captions}
     timings = {"load": time.perf_counter() - started}
     results, found = {}, {}
     for name in chosen:

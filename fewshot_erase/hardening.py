@@ -50,7 +50,7 @@ def halves(parts, target, settings) -> list[Half]:
                               target.templates, target.latents[fit], scheduler, settings.seed, (),
                               settings.max_sequence_length)
         scoring = Scoring(setup, setup, attacks.fixed_rows(target.latents[scored], SCORE_REPEATS, scheduler, SCORE_SEED))
-        made.append(Half(name, scoring, scoring.references(erased=False)))
+        made.append(Half(name, scoring, scoring.references()))
     return made
 
 

@@ -90,8 +90,6 @@ def test_erase_json_records_each_round_and_the_run_ends_when_the_attack_fails(er
     assert record["effects"]["erased"]["one"]["gone"]  # the plain captions too, not only the attacks' (checked_advantage)
 
 
-
-
 def test_the_summary_line_gives_each_rounds_strongest_attack():
     from fewshot_erase.cli.erase import robust_line
 
