@@ -80,9 +80,9 @@ def drift_ok(trajectory: list[dict], window: int, bound: float) -> bool:
     return not drifts or max(drifts) <= bound
 
 
-def still_there(targets, active: list[int], before_advantage: dict, blank: dict, trajectory: list[dict]) -> list[int]:
-    """The active concepts not yet done; a steered concept (--anchor) is never "gone" by this rule: it runs the
-    full schedule."""
-    return [i for i in active
+def still_there(targets, checked: list[int], before_advantage: dict, blank: dict, trajectory: list[dict]) -> list[int]:
+    """The checked concepts not done at this check; a steered concept (--anchor) is never "gone" by this rule: it
+    runs the full schedule."""
+    return [i for i in checked
             if targets[i].anchor or not finished(before_advantage[targets[i].concept],
                                                  readings(trajectory, targets[i].concept), blank[targets[i].concept])]

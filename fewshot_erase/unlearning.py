@@ -249,7 +249,8 @@ def erase_step(loop: Loop, target: Target, picked: list[int], templates: list[st
 
 def hold(loop: Loop, target: Target) -> list[str]:
     """A concept found done is held where it is: its captions' conditioning now joins the retain term's references,
-    so that ascent on the other concepts, or repair steps, cannot bring it back. Its captions."""
+    so that ascent on the other concepts, or repair steps, do not bring it back (where they do, the next check
+    returns it to the rotation). Its captions."""
     captions = [target.caption(i) for i in range(len(target.drawn))]
     loop.frozen.update(frozen_conditioning(loop.parts.pipeline, loop.parts.family, captions, loop.resolution,
                                            loop.parts.dtype, sequence_length=loop.settings.max_sequence_length))
@@ -325,9 +326,15 @@ def run(parts, targets: list[Target], settings: EraseSettings, before: Snapshot,
                 losses.append(trajectory[-1]["loss"])
             on_step(step, losses[-1])
             if settings.until and step + 1 >= earliest_stop and (step + 1) % settings.until_window == 0:
+                # the done concepts too: erasing the others can bring one back (zero+eight+nine's nine did)
+                checked = list(range(len(targets)))
                 trajectory[-1]["advantage"] = {targets[i].concept: checked_advantage(loop, targets[i], before)
-                                               for i in active}
-                still = stopping.still_there(targets, active, before.advantage, before.blank, trajectory)
+                                               for i in checked}
+                still = stopping.still_there(targets, checked, before.advantage, before.blank, trajectory)
+                for i in still:
+                    if i not in active:  # back: it rejoins the rotation, no longer held where it was
+                        held.pop(targets[i].concept, None)
+                        trajectory[-1].setdefault("back", []).append(targets[i].concept)
                 for i in active if settings.preserve_weight > 0 else ():
                     if i not in still and not targets[i].anchor and targets[i].concept not in held:
                         held[targets[i].concept] = hold(loop, targets[i])

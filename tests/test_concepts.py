@@ -212,6 +212,28 @@ def test_a_concept_found_done_is_held_where_it_is_while_the_others_go_on(tiny_mo
     assert all(entry["concept"] == "blue cube" for entry in trajectory[16:])
 
 
+
+def test_a_held_concept_that_the_others_bring_back_rejoins_the_rotation(tiny_model, pictures, tmp_path, monkeypatch):
+    from fewshot_erase import effects, stopping  # noqa: F401 -- effects first: the report keeps the real measure
+    from fewshot_erase.api import erase_concepts
+
+    # the robot reads as done at the first check, back at the second, done from then on; the cube is never done
+    robot_checks = iter([-1.0, 1.0])
+    monkeypatch.setattr(stopping, "advantage", lambda parts, target, *rest:
+                        next(robot_checks, -1.0) if target.concept == "tiny robot" else 1.0)
+    specs = [ConceptSpec("tiny robot", (str(pictures),)), ConceptSpec("blue cube", (str(pictures),))]
+    result = erase_concepts(specs, tmp_path / "out", model=str(tiny_model("sd1").folder), steps=32, lr=1e-3,
+                            until="gone", preserve=("green tree",))
+    trajectory = result.record["trajectory"]
+    checks = [i for i, entry in enumerate(trajectory) if "advantage" in entry]
+    assert all("tiny robot" in trajectory[i]["advantage"] for i in checks)  # checked again while held
+    assert [entry.get("held") for entry in map(trajectory.__getitem__, checks[:3])] == [["tiny robot"], None,
+                                                                                        ["tiny robot"]]
+    assert trajectory[checks[1]]["back"] == ["tiny robot"]
+    between = [entry["concept"] for entry in trajectory[checks[1] + 1:checks[2] + 1]]
+    assert "tiny robot" in between and "blue cube" in between  # erased again, in turn with the cube
+    assert all(entry["concept"] == "blue cube" for entry in trajectory[checks[2] + 1:])
+
 @pytest.mark.parametrize("options, weight", [({"preserve": ("green tree",)}, 1.0), ({}, 0.0),
                                              ({"preserve": ("green tree",), "preserve_weight": 0.5}, 0.5)])
 def test_naming_concepts_to_keep_turns_the_retain_term_on(tiny_model, pictures, tmp_path, options, weight):
