@@ -179,6 +179,20 @@ def test_the_verdict_is_the_stopping_rule_over_the_checks_and_the_reading_after(
     assert verdict(0.005, after, 0.08, checks, anchor) == said
 
 
+@pytest.mark.parametrize("before, said, caveat", [
+    (0.005, "erased", False),       # the captions helped draw it: the check sees it go
+    (-0.002, "erased", True),       # they never did (the demo's nine): "erased" is said, with what to look at
+    (-0.002, "not erased", False),  # nothing to qualify
+])
+def test_the_summary_says_when_the_check_could_not_see_the_concept(before, said, caveat):
+    from fewshot_erase.cli.render import effect_lines
+
+    effect = {"advantage_before": before, "advantage_after": -0.02, "verdict": said}
+    line, = effect_lines({"erased": {"nine": effect}, "kept_drift": {}})
+    assert line.startswith(f"  nine: {'NOT erased' if said == 'not erased' else said}:")
+    assert ("this check sees little of it" in line) is caveat and ("`fewshot-erase compare`" in line) is caveat
+
+
 @pytest.mark.parametrize("trajectory, last, said", [
     ([{"concept": "x", "advantage": {"x": -0.014}}], -0.014, "erased"),  # stopped on the check that found it gone
     ([{"concept": "x", "advantage": {"x": -0.014}}, {"concept": "x"}], -0.003, "not erased"),  # a step later: back

@@ -109,10 +109,17 @@ VERDICTS = {
 }
 
 
+# Where the concept's captions did not help draw its pictures even before the erase, "pushed away by the margin"
+# can be reached while it is still drawn (zero+six+nine's nine: docs/benchmarks.md#any-pictures-any-pair).
+UNSEEN = ("; its captions did not help draw its pictures even before, so this check sees little of it: "
+          "look with `fewshot-erase compare` or `audit`")
+
+
 def effect_lines(effects: dict) -> list[str]:
     """Per erased concept: the verdict and the caption advantage it rests on; then the kept concepts it moved most."""
     lines = [f"  {concept}: {VERDICTS[verdict(e)]} (caption advantage {e['advantage_before']:+.4f} -> "
-             f"{e['advantage_after']:+.4f})" for concept, e in effects["erased"].items()]
+             f"{e['advantage_after']:+.4f})" + (UNSEEN if verdict(e) == "erased" and e["advantage_before"] <= 0 else "")
+             for concept, e in effects["erased"].items()]
     if effects["kept_drift"]:
         most = sorted(effects["kept_drift"].items(), key=lambda item: -item[1])[:3]  # erase.json sorts by name
         lines.append("  most moved of the kept concepts: " + ", ".join(f"{name} {value:.4f}" for name, value in most))
