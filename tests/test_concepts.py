@@ -110,7 +110,9 @@ def test_until_takes_a_concept_found_gone_out_of_the_rotation(tiny_model, pictur
     assert set(concepts[:16]) == {"tiny robot", "blue cube"} and set(concepts[16:]) == {"blue cube"}
     assert not any("advantage" in entry for entry in result.record["trajectory"][:15])  # none before it may stop
     assert set(result.record["trajectory"][15]["advantage"]) == {"tiny robot", "blue cube"}
-    assert set(result.record["trajectory"][19]["advantage"]) == {"blue cube"}
+    # the robot is still read at every later check (erasing the cube could bring it back), and stays out while gone
+    assert set(result.record["trajectory"][19]["advantage"]) == {"tiny robot", "blue cube"}
+    assert not any("back" in entry for entry in result.record["trajectory"])
 
 
 def test_a_negative_drift_bound_is_refused_before_anything_runs(tmp_path):
