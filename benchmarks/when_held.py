@@ -3,8 +3,8 @@
     python -m benchmarks.when_held 0,6,9               # the default erase of zero, six and nine together, seed 0
     python -m benchmarks.when_held 0,8,9 --seed 1 -o /tmp/held.json
 
-A concept found gone leaves the rotation and is held where it is (unlearning.hold), so whatever is still drawn of it
-then stays. This runs the default erase of the digits together, keeps the text encoder as it was at each hold, and
+A concept found gone leaves the rotation and is held where it is (unlearning.hold) until a check finds it back, so
+whatever is still drawn of it when it is held for good stays. This runs the default erase of the digits together, keeps the text encoder as it was at each hold, and
 judges every erased digit's word prompt (20 images, seeds 3000-3019, as benchmarks.robustness does) at each hold and
 at the end; with every stop check's advantages.
 """
@@ -68,7 +68,7 @@ def main(argv=None) -> dict:
         for name, state in states.items():
             parts.text_encoder(name).load_state_dict(state)
         at_holds.append({"held": concept, "drawn": drawn(parts.pipeline)})
-    checks = [{"step": i + 1, "advantage": e["advantage"], "held": e.get("held", [])}
+    checks = [{"step": i + 1, "advantage": e["advantage"], "held": e.get("held", []), "back": e.get("back", [])}
               for i, e in enumerate(result.record["trajectory"]) if "advantage" in e]
     report = {"digits": digits, "seed": args.seed, "steps": result.record["steps"],
               "effects": result.record["effects"]["erased"], "checks": checks, "at_holds": at_holds, "at_end": at_end}
