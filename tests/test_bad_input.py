@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -56,6 +57,7 @@ class Case:
     accepted: Callable[[Path, list[str]], None] | None = None  # an accepted input: checks the output and warnings
     after: Callable[[], None] | None = None  # extra checks once the run is over (a marker that must not exist)
     interrupt_on: str | None = None  # process runs: send SIGINT once this text is on stderr
+    interrupts: int = 1  # ... this many times, a moment apart (a user pressing Ctrl-C again)
     wrapper: str | None = None  # process runs: Python code to run instead of `-m fewshot_erase`
     command: str = "erase"
 
@@ -554,6 +556,12 @@ def interrupted_while_loading(ws):
 
 
 @case("process")
+def interrupted_twice_while_erasing(ws):
+    return Case(["tiny robot", ws.pictures()], ws.model(steps=5000), exit_code=130, interrupt_on="encoding images",
+                interrupts=2)
+
+
+@case("process")
 def interrupted_while_erasing(ws):
     return Case(["tiny robot", ws.pictures()], ws.model(steps=5000), exit_code=130, interrupt_on="encoding images")
 
@@ -668,7 +676,9 @@ def run_process_case(case: Case, output: Path, ws: Workspace):
         for line in process.stderr:
             seen.append(line)
             if case.interrupt_on in line:
-                process.send_signal(signal.SIGINT)
+                for count in range(case.interrupts):
+                    time.sleep(0.005 * count)
+                    process.send_signal(signal.SIGINT)
                 break
         stdout, rest = process.communicate()
     finally:

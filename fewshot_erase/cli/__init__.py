@@ -35,7 +35,6 @@ class Commands(click.Group):
             click.echo(f"error: {error.format_message()}", err=True)
             sys.exit(error.exit_code)
         except click.Abort:
-            click.echo("interrupted: stopped; nothing was written", err=True)
             exit_interrupted()
         sys.exit(code if isinstance(code, int) else 0)
 

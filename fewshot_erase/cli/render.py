@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import sys
 import warnings
 
@@ -70,7 +71,6 @@ def handled(quiet: bool = False):
             stderr.print(f"[red]error:[/] {error}", soft_wrap=True)
             sys.exit(error.exit_code)
         except KeyboardInterrupt:
-            stderr.print("[red]interrupted:[/] stopped; nothing was written", soft_wrap=True)
             exit_interrupted()
         except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise
@@ -85,9 +85,13 @@ def handled(quiet: bool = False):
             FROM_CLI.reset(token)
 
 
-def exit_interrupted() -> None:
-    """Exit 130 now, the outputs already unwound: left to the interpreter's shutdown, a run interrupted while its
-    libraries were importing sometimes died by the signal instead (exit -2)."""
+def exit_interrupted(message: str = "stopped; nothing was written") -> None:
+    """Say so and exit 130 now, the outputs already unwound: left to the interpreter's shutdown, a run interrupted
+    while its libraries were importing sometimes died by the signal instead (exit -2). A second Ctrl-C from here on
+    is ignored, not left to escape as a second KeyboardInterrupt halfway through the line."""
+    with contextlib.suppress(ValueError):  # off the main thread there is no handler to change
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    stderr.print(f"[red]interrupted:[/] {message}", soft_wrap=True)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(INTERRUPTED)
