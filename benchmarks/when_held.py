@@ -4,9 +4,9 @@
     python -m benchmarks.when_held 0,8,9 --seed 1 -o /tmp/held.json
 
 A concept found gone leaves the rotation and is held where it is (unlearning.hold) until a check finds it back, so
-whatever is still drawn of it when it is held for good stays. This runs the default erase of the digits together, keeps the text encoder as it was at each hold, and
-judges every erased digit's word prompt (20 images, seeds 3000-3019, as benchmarks.robustness does) at each hold and
-at the end; with every stop check's advantages.
+whatever is still drawn of it when it is held for good stays. This runs the default erase of the digits together,
+keeps the text encoder as it was at each hold, and judges every erased digit's word prompt (20 images, seeds
+3000-3019, as benchmarks.robustness does) at each hold and at the end; with every stop check's advantages.
 """
 
 from __future__ import annotations

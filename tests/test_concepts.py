@@ -228,7 +228,6 @@ def test_a_concept_found_done_is_held_where_it_is_while_the_others_go_on(tiny_mo
     assert all(entry["concept"] == "blue cube" for entry in trajectory[16:])
 
 
-
 def test_a_held_concept_that_the_others_bring_back_rejoins_the_rotation(tiny_model, pictures, tmp_path, monkeypatch):
     from fewshot_erase import effects, stopping  # noqa: F401 -- effects first: the report keeps the real measure
     from fewshot_erase.api import erase_concepts
@@ -249,6 +248,7 @@ def test_a_held_concept_that_the_others_bring_back_rejoins_the_rotation(tiny_mod
     between = [entry["concept"] for entry in trajectory[checks[1] + 1:checks[2] + 1]]
     assert "tiny robot" in between and "blue cube" in between  # erased again, in turn with the cube
     assert all(entry["concept"] == "blue cube" for entry in trajectory[checks[2] + 1:])
+
 
 @pytest.mark.parametrize("options, weight", [({"preserve": ("green tree",)}, 1.0), ({}, 0.0),
                                              ({"preserve": ("green tree",), "preserve_weight": 0.5}, 0.5)])

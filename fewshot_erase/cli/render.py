@@ -85,13 +85,13 @@ def handled(quiet: bool = False):
             FROM_CLI.reset(token)
 
 
-def exit_interrupted(message: str = "stopped; nothing was written") -> None:
+def exit_interrupted() -> None:
     """Say so and exit 130 now, the outputs already unwound: left to the interpreter's shutdown, a run interrupted
     while its libraries were importing sometimes died by the signal instead (exit -2). A second Ctrl-C from here on
     is ignored, not left to escape as a second KeyboardInterrupt halfway through the line."""
     with contextlib.suppress(ValueError):  # off the main thread there is no handler to change
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-    stderr.print(f"[red]interrupted:[/] {message}", soft_wrap=True)
+    stderr.print("[red]interrupted:[/] stopped; nothing was written", soft_wrap=True)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(INTERRUPTED)
@@ -119,11 +119,17 @@ UNSEEN = ("; its captions did not help draw its pictures even before, so this ch
           "look with `fewshot-erase compare` or `audit`")
 
 
+def effect_line(concept: str, effect: dict) -> str:
+    """One erased concept: the verdict and the caption advantage it rests on."""
+    said = verdict(effect)
+    unseen = UNSEEN if said == "erased" and effect["advantage_before"] <= 0 else ""
+    return (f"  {concept}: {VERDICTS[said]} (caption advantage {effect['advantage_before']:+.4f} -> "
+            f"{effect['advantage_after']:+.4f}){unseen}")
+
+
 def effect_lines(effects: dict) -> list[str]:
-    """Per erased concept: the verdict and the caption advantage it rests on; then the kept concepts it moved most."""
-    lines = [f"  {concept}: {VERDICTS[verdict(e)]} (caption advantage {e['advantage_before']:+.4f} -> "
-             f"{e['advantage_after']:+.4f})" + (UNSEEN if verdict(e) == "erased" and e["advantage_before"] <= 0 else "")
-             for concept, e in effects["erased"].items()]
+    """Per erased concept its line; then the kept concepts it moved most."""
+    lines = [effect_line(concept, effect) for concept, effect in effects["erased"].items()]
     if effects["kept_drift"]:
         most = sorted(effects["kept_drift"].items(), key=lambda item: -item[1])[:3]  # erase.json sorts by name
         lines.append("  most moved of the kept concepts: " + ", ".join(f"{name} {value:.4f}" for name, value in most))
