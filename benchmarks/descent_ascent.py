@@ -1,0 +1,160 @@
+"""A cheaper `--robust`, tried for its wall time: soft prompts learned alongside the erase instead of rounds of fresh
+attacks (simultaneous descent-ascent, AdvUnlearn's inner attack reduced to one warm-started step per erase step).
+
+    python -m benchmarks.descent_ascent                        # every digit, erase seed 0, every variant
+    python -m benchmarks.descent_ascent --digits 4,9 --variants until-gone -o /tmp/da.json
+
+After the plain erase (as `--robust` runs it, the empty caption held), `--prefixes` soft prompts (each started near
+the vocabulary's mean, as the audit's) join the concept's captions, and every erase step is followed by one Adam step
+of every prefix on all the concept's pictures, descending the denoising loss the erase ascends. Variants:
+
+- `until-gone`: the erase runs on until the stopping rule finds the plain and the prefixed captions gone (the worse
+  of them, as `--robust` checks), at most its usual cap;
+- `fixed`: `--fixed` such steps, then the plain erase again until its own captions are gone;
+- `shipped`: `--robust` as it is (hardening.run), measured the same way, for comparison.
+
+Each erase is then audited with the soft prompt at the audit's defaults (judged on the demo), the way
+`benchmarks.efficacy --audit` audits `--robust`. Reported per digit: steps, prefix steps, erase seconds (the API
+call, one thread), the soft prompt's recovery and judged success, the plain captions' judged success.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import importlib
+import json
+import tempfile
+import time
+from pathlib import Path
+from unittest import mock
+
+from demo.measure import SAMPLES
+
+
+def descent_ascent(prefixes: int, fixed: int | None, counted: dict):
+    """A replacement for hardening.run with the same signature: the plain erase, then prefixes learned alongside."""
+    import torch
+
+    from fewshot_erase import attacks, unlearning
+    from fewshot_erase.denoising import training_scheduler
+
+    def run(parts, targets, settings, before, on_step=lambda step, loss: None):
+        targets = list(targets)
+        result = unlearning.run(parts, targets, settings, before, on_step, hold_empty=True)
+        trajectory, losses = list(result.trajectory), list(result.losses)
+        scheduler = training_scheduler(parts.pipeline)
+        groups, taken = [], ()
+        with contextlib.ExitStack() as learned:
+            for i, target in enumerate(targets):
+                if target.anchor:
+                    continue
+                setup = attacks.Setup(parts.pipeline, parts.family, settings.resolution or parts.resolution,
+                                      parts.dtype, target.concept, target.templates,
+                                      target.latents[:target.image_count], scheduler, settings.seed, (),
+                                      settings.max_sequence_length)
+                for k in range(prefixes):
+                    placeholders, text = attacks.placeholder_tokens(dataclasses.replace(setup, reserved=taken),
+                                                                    attacks.SOFT_TOKENS)
+                    taken += placeholders
+                    start = torch.Generator().manual_seed(settings.seed + 1 + k)
+                    vectors = {name: attacks.near_mean(table[setup.words], attacks.SOFT_TOKENS, start).requires_grad_(True)
+                               for name, table in setup.tables.items()}
+                    learned.enter_context(attacks.learned_tokens(parts.pipeline, parts.family, placeholders, vectors))
+                    groups.append((setup, setup.captions(setup.concept, text), vectors))
+                    targets[i] = dataclasses.replace(targets[i], hardened=targets[i].hardened + tuple(
+                        f"{text} {template}" for template in target.templates))
+            learnable = [v for _, _, vectors in groups for v in vectors.values()]
+            optimizer = torch.optim.Adam(learnable, lr=attacks.step_size(groups[0][0].tables[parts.family.encoders[0]]))
+            fitted = dataclasses.replace(groups[0][0], fit_latents=torch.cat([s.fit_latents for s, _, _ in groups]))
+            owner = [k for k, (s, _, _) in enumerate(groups) for _ in range(len(s.fit_latents))]
+            captions = tuple(groups[owner[j % len(owner)]][1][j % len(groups[0][1])]
+                             for j in range(attacks.FIT_REPEATS * len(owner)))
+            noise = torch.Generator().manual_seed(settings.seed + 99)
+
+            def with_prefix_step(step, loss):
+                on_step(step, loss)
+                rows = attacks.fitting_rows(fitted.fit_latents, scheduler, noise)
+                # autograd.grad, not backward: the encoder's weights step inside backward (stepping_in_backward)
+                gradients = torch.autograd.grad(fitted.loss(captions, rows), learnable)
+                for vector, gradient in zip(learnable, gradients):
+                    vector.grad = gradient
+                optimizer.step()
+                counted["prefix_steps"] = counted.get("prefix_steps", 0) + 1
+
+            phase = settings.replace(until=None, steps=fixed) if fixed else settings
+            result = unlearning.run(parts, targets, phase, before, with_prefix_step, hold_empty=True)
+            trajectory += result.trajectory
+            losses += result.losses
+            if fixed:
+                plain = [dataclasses.replace(t, hardened=()) for t in targets]
+                result = unlearning.run(parts, plain, settings, before, on_step, hold_empty=True)
+                trajectory += result.trajectory
+                losses += result.losses
+            for vector in learnable:
+                vector.requires_grad_(False)
+        return unlearning.LoopResult(losses, trajectory, result.stopped_early, result.trained, [])
+
+    return run
+
+
+def measured(word: str, seed: int, variant: str, prefixes: int, fixed: int, output: Path) -> dict:
+    from fewshot_erase import hardening
+    from fewshot_erase.api import erase_concepts
+    from fewshot_erase.concepts import ConceptSpec
+
+    audit = importlib.import_module("fewshot_erase.audit").audit  # the package exports the function by that name
+    counted: dict = {}
+    replacement = descent_ascent(prefixes, fixed if variant == "fixed" else None, counted)
+    started = time.perf_counter()
+    with mock.patch.object(hardening, "run", replacement) if variant != "shipped" else contextlib.nullcontext():
+        result = erase_concepts([ConceptSpec(word, (str(SAMPLES / word),))], output, device="cpu", seed=seed,
+                                robust=True)
+    seconds = time.perf_counter() - started
+    record = audit(output, attacks=["soft"]).record
+    soft = record["attacks"]["soft"]
+    return {"digit": word, "seed": seed, "variant": variant, "steps": result.record["steps"],
+            "prefix_steps": counted.get("prefix_steps", 0), "erase_seconds": seconds, "soft_recovery": soft["recovery"],
+            "soft_judged": soft["judged_success"], "plain_judged": record["erased_captions"]["judged_success"]}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--digits", default="0,1,2,3,4,5,6,7,8,9")
+    parser.add_argument("--seeds", default="0", help="erase seeds")
+    parser.add_argument("--variants", default="until-gone,fixed,shipped")
+    parser.add_argument("--prefixes", type=int, default=2, help="soft prompts learned alongside, per concept")
+    parser.add_argument("--fixed", type=int, default=32, help="the fixed variant's steps with prefixes")
+    parser.add_argument("-o", "--output", default="benchmarks/results/descent_ascent.json")
+    args = parser.parse_args(argv)
+
+    import warnings
+
+    import torch
+
+    from demo.data import DIGIT_WORDS
+    from fewshot_erase.errors import EraseWarning
+
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore", EraseWarning)
+    runs = []
+    with tempfile.TemporaryDirectory() as workdir:
+        for variant in args.variants.split(","):
+            for seed in [int(s) for s in args.seeds.split(",")]:
+                for digit in [int(d) for d in args.digits.split(",")]:
+                    runs.append(measured(DIGIT_WORDS[digit], seed, variant, args.prefixes, args.fixed,
+                                         Path(workdir) / f"{variant}-{digit}-{seed}"))
+                    print(json.dumps(runs[-1]), flush=True)
+    summary = {variant: {"soft_judged_mean": sum(r["soft_judged"] for r in rows) / len(rows),
+                         "erase_seconds_mean": sum(r["erase_seconds"] for r in rows) / len(rows),
+                         "steps_mean": sum(r["steps"] for r in rows) / len(rows)}
+               for variant in args.variants.split(",") if (rows := [r for r in runs if r["variant"] == variant])}
+    report = {"settings": vars(args), "summary": summary, "runs": runs}
+    Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()
