@@ -66,11 +66,10 @@ def descent_ascent(prefixes: int, fixed: int | None, counted: dict):
                     targets[i] = dataclasses.replace(targets[i], hardened=targets[i].hardened + tuple(
                         f"{text} {template}" for template in target.templates))
             learnable = [v for _, _, vectors in groups for v in vectors.values()]
-            optimizer = torch.optim.Adam(learnable, lr=attacks.step_size(groups[0][0].tables[parts.family.encoders[0]]))
-            fitted = dataclasses.replace(groups[0][0], fit_latents=torch.cat([s.fit_latents for s, _, _ in groups]))
-            owner = [k for k, (s, _, _) in enumerate(groups) for _ in range(len(s.fit_latents))]
-            captions = tuple(groups[owner[j % len(owner)]][1][j % len(groups[0][1])]
-                             for j in range(attacks.FIT_REPEATS * len(owner)))
+            # each encoder's vectors at its own step size, as attacks.fit_embeddings sets them
+            optimizer = torch.optim.Adam([{"params": [vector], "lr": attacks.step_size(setup.tables[name])}
+                                          for setup, _, vectors in groups for name, vector in vectors.items()])
+            fitted, captions = attacks.fitted_together([(setup, captions) for setup, captions, _ in groups])
             noise = torch.Generator().manual_seed(settings.seed + 99)
 
             def with_prefix_step(step, loss):

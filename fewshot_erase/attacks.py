@@ -253,18 +253,24 @@ def soft_attacks(setups: list[Setup], budget: int, on_step=lambda step: None, st
         start = start or {name: near_mean(table[setup.words], SOFT_TOKENS, generator) for name, table in setup.tables.items()}
         groups.append((setup, placeholders, setup.captions(setup.concept, text), start))
     first = setups[0]
-    if len(groups) == 1:
-        fitted, captions = first, groups[0][2]
-    else:  # row i reads its picture's group's caption i (modulo their count), as one attack's rows do
-        fitted = replace(first, fit_latents=torch.cat([setup.fit_latents for setup in setups]))
-        owner = [k for k, setup in enumerate(setups) for _ in range(len(setup.fit_latents))]
-        captions = tuple(groups[owner[i % len(owner)]][2][i % len(groups[0][2])] for i in range(FIT_REPEATS * len(owner)))
+    fitted, captions = fitted_together([(setup, group_captions) for setup, _, group_captions, _ in groups])
     vectors = fit_embeddings(fitted, captions, taken, {name: torch.cat([g[3][name] for g in groups]) for name in first.tables},
                              budget, on_step=on_step)
     shown = first.captions(first.concept, " ".join(f"<soft-{i + 1}>" for i in range(SOFT_TOKENS)))[0]
     return [Found(group_captions, budget, shown, placeholders=placeholders,
                   vectors={name: v[SOFT_TOKENS * k:SOFT_TOKENS * (k + 1)] for name, v in vectors.items()})
             for k, (_, placeholders, group_captions, _) in enumerate(groups)]
+
+
+def fitted_together(groups: list[tuple[Setup, tuple[str, ...]]]) -> tuple[Setup, tuple[str, ...]]:
+    """One setup that fits every group's pictures, and its rows' captions: row i reads its picture's group's caption
+    i (modulo their count), as one attack's rows do."""
+    first = groups[0][0]
+    if len(groups) == 1:
+        return first, groups[0][1]
+    fitted = replace(first, fit_latents=torch.cat([setup.fit_latents for setup, _ in groups]))
+    owner = [k for k, (setup, _) in enumerate(groups) for _ in range(len(setup.fit_latents))]
+    return fitted, tuple(groups[owner[i % len(owner)]][1][i % len(groups[0][1])] for i in range(FIT_REPEATS * len(owner)))
 
 
 def near_mean(rows: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
