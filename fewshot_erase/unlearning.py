@@ -271,6 +271,14 @@ def repair_step(loop: Loop, kept: list[str], held: list[str]) -> dict:
     return {"repair": True, **recorded}
 
 
+@torch.no_grad()
+def drift_now(loop: Loop, captions: list[str]) -> float:
+    """The worst drift of the kept `captions` in the encoder as it stands: each step's retain term reads them before
+    that step's update, so the last steps before a stop go unread by it (zero+one+five: two steps of five's ascent
+    took "seven" from 0.004 to 0.12, docs/stopping-rule.md)."""
+    return caption_drifts(conditioning_tensors(loop.encode(captions)), stacked(loop.frozen, captions)).max().item()
+
+
 def checked_advantage(loop: Loop, target: Target, before: Snapshot) -> float:
     """The concept's advantage at a check (stopping.py); with --robust's learned prefixes, the worse of its own
     captions' and theirs: erasing the prefixed captions alone let the plain ones come back."""
@@ -297,7 +305,8 @@ def run(parts, targets: list[Target], settings: EraseSettings, before: Snapshot,
     pool = preserve_pool(settings.preserve, targets[0].templates, captions_rng) if settings.preserve_weight > 0 else {}
     retained = preserve_rows(pool, settings.preserve_batch, captions_rng) if pool else None
     anchors = [fill(template, t.anchor) for t in targets if t.anchor for template in t.templates]
-    frozen = frozen_conditioning(pipeline, family, [c for group in pool.values() for c in group] + anchors,
+    pooled = [caption for group in pool.values() for caption in group]
+    frozen = frozen_conditioning(pipeline, family, pooled + anchors,
                                  resolution, dtype, before.originals, settings.max_sequence_length)
     loop = Loop(parts, settings, training_scheduler(pipeline), generator, frozen, resolution,
                 denoiser_of(pipeline).device)
@@ -340,7 +349,10 @@ def run(parts, targets: list[Target], settings: EraseSettings, before: Snapshot,
                         held[targets[i].concept] = hold(loop, targets[i])
                         trajectory[-1].setdefault("held", []).append(targets[i].concept)
                 if not still and stopping.drift_ok(trajectory, settings.until_window, settings.until_drift):
-                    return LoopResult(losses, trajectory, True, trained)
+                    # the window read each caption before its step's update: read the whole pool as it is now too
+                    trajectory[-1]["drift_now"] = drift_now(loop, pooled) if pooled else 0.0
+                    if trajectory[-1]["drift_now"] <= settings.until_drift:
+                        return LoopResult(losses, trajectory, True, trained)
                 # every concept done but a kept one dragged along: pull the kept ones back without more ascent
                 repairing = not still
                 active = still or active

@@ -143,6 +143,23 @@ def test_until_pulls_dragged_concepts_back_before_it_stops(tiny_model, pictures,
         assert trajectory[-1]["drift_worst"] < trajectory[7]["drift_worst"] / 2
 
 
+def test_until_reads_the_kept_captions_as_they_stand_before_it_stops(tiny_model, pictures, tmp_path, monkeypatch):
+    from fewshot_erase import effects, stopping  # noqa: F401 -- effects first: the report keeps the real measure
+    from fewshot_erase.api import erase_concepts
+
+    # Each step's retain term reads the kept captions before that step's update, so the window can look clean while
+    # the encoder that would be saved has drifted. Here the window always looks clean, and the bound is tiny: the
+    # stop check's own reading of the whole pool must turn the stop into repair steps.
+    monkeypatch.setattr(stopping, "advantage", lambda *args, **kwargs: -1.0)
+    monkeypatch.setattr(stopping, "drift_ok", lambda *args, **kwargs: True)
+    result = erase_concepts([ConceptSpec("tiny robot", (str(pictures),))], tmp_path / "out",
+                            model=str(tiny_model("sd1").folder), steps=16, lr=1e-3, until="gone",
+                            preserve=("green tree",), preserve_weight=1.0, until_drift=1e-12)
+    trajectory = result.record["trajectory"]
+    assert not result.record["stopped_early"] and result.record["repair_steps"] == 8
+    assert trajectory[7]["drift_now"] > 1e-12 and trajectory[15]["drift_now"] > 1e-12
+
+
 @pytest.mark.parametrize("before, after, gone", [
     (0.002, 0.0005, False),   # still helps
     (0.002, -0.002, False),   # pushes away as hard as it pulled, but within the noise of the estimate
