@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from . import keys, stopping
 from .keys import trained_encoders
-from .conditioning import (as_cond, conditioning, conditioning_tensors, denoiser_of, frozen_conditioning,
+from .conditioning import (FROZEN_CHUNK, as_cond, conditioning, conditioning_tensors, denoiser_of, frozen_conditioning,
                            split_conditioning, stacked)
 from .denoising import noised, predict, training_scheduler
 from .effects import Snapshot
@@ -276,7 +276,8 @@ def drift_now(loop: Loop, captions: list[str]) -> float:
     """The worst drift of the kept `captions` in the encoder as it stands: each step's retain term reads them before
     that step's update, so the last steps before a stop go unread by it (zero+one+five: two steps of five's ascent
     took "seven" from 0.004 to 0.12, docs/stopping-rule.md)."""
-    return caption_drifts(conditioning_tensors(loop.encode(captions)), stacked(loop.frozen, captions)).max().item()
+    return max(caption_drifts(conditioning_tensors(loop.encode(chunk)), stacked(loop.frozen, chunk)).max().item()
+               for chunk in (captions[i:i + FROZEN_CHUNK] for i in range(0, len(captions), FROZEN_CHUNK)))
 
 
 def checked_advantage(loop: Loop, target: Target, before: Snapshot) -> float:
