@@ -307,8 +307,8 @@ def run(parts, targets: list[Target], settings: EraseSettings, before: Snapshot,
     retained = preserve_rows(pool, settings.preserve_batch, captions_rng) if pool else None
     anchors = [fill(template, t.anchor) for t in targets if t.anchor for template in t.templates]
     pooled = [caption for group in pool.values() for caption in group]
-    frozen = frozen_conditioning(pipeline, family, pooled + anchors,
-                                 resolution, dtype, before.originals, settings.max_sequence_length)
+    frozen = frozen_conditioning(pipeline, family, pooled + anchors, resolution, dtype, before.originals,
+                                 settings.max_sequence_length)
     loop = Loop(parts, settings, training_scheduler(pipeline), generator, frozen, resolution,
                 denoiser_of(pipeline).device)
     published_length = sum(settings.replace(steps=None).step_count(t.image_count) for t in targets)
