@@ -98,24 +98,53 @@ def descent_ascent(prefixes: int, fixed: int | None, counted: dict):
     return run
 
 
-def measured(word: str, seed: int, variant: str, prefixes: int, fixed: int, output: Path) -> dict:
-    from fewshot_erase import hardening
+def audited_robust_erase(word: str, seed: int, output: Path, patched=contextlib.nullcontext()) -> tuple[dict, object]:
+    """`erase --robust` of the digit's shipped pictures (with `patched` in force), then audited with the soft prompt
+    at the audit's defaults (judged): what a variant is measured by, and the erase's result."""
     from fewshot_erase.api import erase_concepts
     from fewshot_erase.concepts import ConceptSpec
 
     audit = importlib.import_module("fewshot_erase.audit").audit  # the package exports the function by that name
-    counted: dict = {}
-    replacement = descent_ascent(prefixes, fixed if variant == "fixed" else None, counted)
     started = time.perf_counter()
-    with mock.patch.object(hardening, "run", replacement) if variant != "shipped" else contextlib.nullcontext():
+    with patched:
         result = erase_concepts([ConceptSpec(word, (str(SAMPLES / word),))], output, device="cpu", seed=seed,
                                 robust=True)
     seconds = time.perf_counter() - started
     record = audit(output, attacks=["soft"]).record
     soft = record["attacks"]["soft"]
-    return {"digit": word, "seed": seed, "variant": variant, "steps": result.record["steps"],
-            "prefix_steps": counted.get("prefix_steps", 0), "erase_seconds": seconds, "soft_recovery": soft["recovery"],
-            "soft_judged": soft["judged_success"], "plain_judged": record["erased_captions"]["judged_success"]}
+    return {"digit": word, "seed": seed, "steps": result.record["steps"], "erase_seconds": seconds,
+            "soft_recovery": soft["recovery"], "soft_judged": soft["judged_success"],
+            "plain_judged": record["erased_captions"]["judged_success"]}, result
+
+
+def measured(word: str, seed: int, variant: str, prefixes: int, fixed: int, output: Path) -> dict:
+    from fewshot_erase import hardening
+
+    counted: dict = {}
+    replacement = descent_ascent(prefixes, fixed if variant == "fixed" else None, counted)
+    patched = mock.patch.object(hardening, "run", replacement) if variant != "shipped" else contextlib.nullcontext()
+    report, _ = audited_robust_erase(word, seed, output, patched)
+    return {**report, "variant": variant, "prefix_steps": counted.get("prefix_steps", 0)}
+
+
+def each_run(digits: str, seeds: str, measure) -> list[dict]:
+    """`measure(word, seed, folder)` for every erase seed and digit, one thread, each printed as it comes."""
+    import warnings
+
+    import torch
+
+    from demo.data import DIGIT_WORDS
+    from fewshot_erase.errors import EraseWarning
+
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore", EraseWarning)
+    runs = []
+    with tempfile.TemporaryDirectory() as workdir:
+        for seed in [int(s) for s in seeds.split(",")]:
+            for digit in [int(d) for d in digits.split(",")]:
+                runs.append(measure(DIGIT_WORDS[digit], seed, Path(workdir) / f"{digit}-{seed}"))
+                print(json.dumps(runs[-1]), flush=True)
+    return runs
 
 
 def main(argv=None) -> dict:
@@ -128,23 +157,9 @@ def main(argv=None) -> dict:
     parser.add_argument("-o", "--output", default="benchmarks/results/descent_ascent.json")
     args = parser.parse_args(argv)
 
-    import warnings
-
-    import torch
-
-    from demo.data import DIGIT_WORDS
-    from fewshot_erase.errors import EraseWarning
-
-    torch.set_num_threads(1)
-    warnings.simplefilter("ignore", EraseWarning)
-    runs = []
-    with tempfile.TemporaryDirectory() as workdir:
-        for variant in args.variants.split(","):
-            for seed in [int(s) for s in args.seeds.split(",")]:
-                for digit in [int(d) for d in args.digits.split(",")]:
-                    runs.append(measured(DIGIT_WORDS[digit], seed, variant, args.prefixes, args.fixed,
-                                         Path(workdir) / f"{variant}-{digit}-{seed}"))
-                    print(json.dumps(runs[-1]), flush=True)
+    runs = [run for variant in args.variants.split(",")
+            for run in each_run(args.digits, args.seeds,
+                                lambda word, seed, folder: measured(word, seed, variant, args.prefixes, args.fixed, folder))]
     summary = {variant: {"soft_judged_mean": sum(r["soft_judged"] for r in rows) / len(rows),
                          "erase_seconds_mean": sum(r["erase_seconds"] for r in rows) / len(rows),
                          "steps_mean": sum(r["steps"] for r in rows) / len(rows)}
