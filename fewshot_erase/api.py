@@ -7,6 +7,7 @@ checked before the model is loaded, and nothing is written until the very end, i
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -297,6 +298,10 @@ def _erase_between_snapshots(parts, targets, watched, run_settings, progress, ti
     with progress.phase("measuring the effect"):
         after = effects.snapshot(parts, targets, watched, run_settings, before.empty, before.blank)
         effect = effects.report(before, after, targets, result.trajectory)
+    if not all(math.isfinite(e["advantage_after"]) for e in effect["erased"].values()):
+        # weights that stayed finite can still overflow in the forward: the report's reading shows it
+        raise RunFailure(f"the erased encoder's conditioning became inf or nan; lower --lr (now {run_settings.lr}) "
+                         "or use --dtype float32")
     timings["report"] += time.perf_counter() - clock
     return before, result, effect
 

@@ -25,6 +25,7 @@ from typing import Sequence
 
 from .concepts import read_list_file
 from .errors import BadInput, EraseWarning, python_terms
+from .settings import seed_problem
 
 AUDIT_NAME = "audit.json"
 AUDIT_FORMAT = "fewshot-erase-audit/1"
@@ -311,6 +312,8 @@ def audit(output: str | Path, images: Sequence[str | Path] | None = None, *, att
     counts = budgets(chosen, budget)
     if judge_images < 1:
         raise BadInput(f"--judge-images must be at least 1, got {judge_images}")
+    if seed_problem(seed):
+        raise BadInput(seed_problem(seed))
     index, entry = concept_entry(record, concept)
     user_prompts = tuple(prompts) + (read_list_file(prompt_file, "prompt file") if prompt_file else ())
     loaded = read_pictures(record, index, images)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -78,6 +79,10 @@ def compare(output: str | Path, prompts: list[str] | None, grid_path: str | Path
     progress = progress or Progress()
     if images < 1:
         raise BadInput(f"--images must be at least 1, got {images}")
+    if steps is not None and steps < 1:
+        raise BadInput(f"--steps must be at least 1, got {steps}")
+    if guidance_scale is not None and not (math.isfinite(guidance_scale) and guidance_scale >= 0):
+        raise BadInput(f"--guidance-scale must be a finite number, zero or more, got {guidance_scale}")
     record = read_record(Path(output))
     prompts = list(prompts) if prompts else default_prompts(record)
     target = check_target(Path(grid_path), overwrite, inputs=(Path(output),))

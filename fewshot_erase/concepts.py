@@ -71,6 +71,8 @@ def read_manifest(path: str | Path) -> list[ConceptSpec]:
         text = path.read_text()
     except OSError as error:
         raise BadInput(f"cannot read manifest {path}: {error.strerror or error}; check the path") from None
+    except UnicodeDecodeError:
+        raise BadInput(f"manifest {path} is not a text file; pass a JSON or YAML list of concepts") from None
     try:
         if path.suffix.lower() in (".yaml", ".yml"):
             import yaml

@@ -48,7 +48,7 @@ SD_PIPELINES = {"StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"}
 SDXL_PIPELINES = {"StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"}
 SD3_PIPELINES = {"StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline"}
 FLUX_PIPELINES = {"FluxPipeline", "FluxImg2ImgPipeline"}
-SUPPORTED = "SD 1.x, SD 2.x, SDXL, SD 3.x and FLUX.1"
+SUPPORTED = "SD 1.x, SD 2.x, SDXL, SD 3.x or FLUX.1"
 
 
 def family_from_configs(model_index: dict, text_encoder_config: dict | None, where: str) -> Family:
@@ -58,7 +58,8 @@ def family_from_configs(model_index: dict, text_encoder_config: dict | None, whe
     named = [(SDXL_PIPELINES, SDXL), (SD3_PIPELINES, SD3), (FLUX_PIPELINES, FLUX), (SD_PIPELINES, None)]
     found = [family for classes, family in named if class_name in classes]
     if not found:
-        raise BadInput(f"{where} is a {class_name or 'unknown'} pipeline, which fewshot-erase does not support; pass an {SUPPORTED} model")
+        what = f"a {class_name} pipeline" if class_name else "a pipeline of no named class"
+        raise BadInput(f"{where} is {what}, which fewshot-erase does not support; pass an {SUPPORTED} model")
     family = found[0]
     for name in (family or SD1).encoders:
         if not model_index.get(name) or model_index[name][0] is None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import BadInput
-from .record import tensors_sha256
+from .errors import BadInput, first_line
+from .record import shape_problem, tensors_sha256
 from .writers.text_encoder import RECORD_NAME, canonical_state, encoder_folder
 
 
@@ -19,6 +19,8 @@ def read_record(output: Path) -> dict:
         record["base"]["family"], record["concept"]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
         raise BadInput(f"{path} is damaged (not an erase record); re-run the erase") from None
+    if shape_problem(record):
+        raise BadInput(f"{path} is damaged ({shape_problem(record)}); re-run the erase")
     return record
 
 
@@ -37,5 +39,9 @@ def load_erased_encoders(output: Path, parts) -> dict:
     for name in parts.family.encoders:
         base = parts.text_encoder(name)
         folder = encoder_folder(Path(output), parts.family, name)
-        encoders[name] = type(base).from_pretrained(str(folder)).to(device=base.device, dtype=base.dtype)
+        try:
+            loaded = type(base).from_pretrained(str(folder))
+        except (OSError, ValueError) as error:  # a missing or damaged weights file or config
+            raise BadInput(f"the erased {name} in {folder} cannot be read ({first_line(error)}); the erase output is damaged, re-run the erase") from None
+        encoders[name] = loaded.to(device=base.device, dtype=base.dtype)
     return encoders

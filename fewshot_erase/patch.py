@@ -10,6 +10,7 @@ from pathlib import Path
 from . import checkpoint_layouts as layouts
 from . import families, safetensors_file
 from .errors import BadInput
+from .record import shape_problem
 from .writers import EXPORT_READERS
 from .writers.text_encoder import METADATA_KEY, WEIGHTS_NAME, encoder_folder
 
@@ -56,6 +57,8 @@ def record_in(header: dict, where) -> dict | None:
         record["base"]["family"], record["trained_tensors"]
     except (json.JSONDecodeError, KeyError, TypeError):
         raise BadInput(f"{where} has a damaged fewshot-erase record in its metadata; re-create the file") from None
+    if shape_problem(record):
+        raise BadInput(f"{where} has a damaged fewshot-erase record in its metadata ({shape_problem(record)}); re-create the file")
     return record
 
 
@@ -80,12 +83,9 @@ def _check_feed_forward_only(record: dict, where) -> None:
 def _check_patch_record(record: dict, where) -> None:
     """The fields a patch is read and applied by, with the types they need: a record that another tool rewrote
     carelessly, or that was made to mislead, gets one clear error instead of a crash further in."""
-    base, trained, export = record.get("base"), record.get("trained_tensors"), record.get("export", {})
-    sound = (isinstance(base, dict) and isinstance(base.get("family"), str) and isinstance(base.get("model"), str)
-             and isinstance(trained, dict)
-             and all(isinstance(names, list) and all(isinstance(n, str) for n in names) for names in trained.values())
-             and isinstance(record.get("settings", {}), dict) and isinstance(record.get("base_fingerprints", {}), dict)
-             and all(isinstance(prints, dict) for prints in record.get("base_fingerprints", {}).values())
+    export = record.get("export", {})
+    sound = ("base" in record and "trained_tensors" in record and "base_fingerprints" in record
+             and shape_problem(record) is None
              and isinstance(export, dict) and ("export" not in record or isinstance(export.get("format"), str)))
     if not sound:
         raise BadInput(f"{where} has a damaged fewshot-erase record; re-create it with fewshot-erase")
@@ -109,7 +109,7 @@ def _read_exported(path: Path) -> Patch:
     header = safetensors_file.read_header(path)
     record = record_in(header, path)
     if record is None:
-        raise BadInput(f"{path} carries no fewshot-erase record; apply takes an `erase` output folder or a file `fewshot-erase export` wrote")
+        raise BadInput(f"{path} carries no fewshot-erase record; pass an `erase` output folder or a file `fewshot-erase export` wrote")
     _check_patch_record(record, path)
     kind = record["export"]["format"] if is_exported_patch(record) else None
     if kind not in EXPORT_READERS:

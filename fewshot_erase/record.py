@@ -43,3 +43,42 @@ def library_versions() -> dict:
 
 def stable_part(record: dict) -> dict:
     return {key: value for key, value in record.items() if key not in VOLATILE}
+
+
+def _strings(value) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+def _pictures(value) -> bool:
+    return isinstance(value, list) and all(isinstance(image, dict) and isinstance(image.get("name"), str)
+                                           and isinstance(image.get("sha256"), str) for image in value)
+
+
+def _concept_entry(entry) -> bool:
+    return (isinstance(entry, dict) and isinstance(entry.get("concept"), str) and _pictures(entry.get("images"))
+            and ("templates" not in entry or (_strings(entry["templates"]) and len(entry["templates"]) > 0)))
+
+
+# The fields the readers (inspect, export, apply, audit, compare) use, each with what it must be where present.
+SHAPES = {
+    "base": lambda v: (isinstance(v, dict) and isinstance(v.get("family"), str) and isinstance(v.get("model"), str)
+                       and isinstance(v.get("text_encoders", {}), dict)
+                       and all(isinstance(e, dict) and isinstance(e.get("sha256"), str) for e in v.get("text_encoders", {}).values())),
+    "concept": lambda v: isinstance(v, str),
+    "concepts": lambda v: isinstance(v, list) and len(v) > 0 and all(_concept_entry(entry) for entry in v),
+    "images": _pictures,
+    "effects": lambda v: isinstance(v, dict),
+    "settings": lambda v: isinstance(v, dict),
+    "steps": lambda v: isinstance(v, int),
+    "trained_tensors": lambda v: isinstance(v, dict) and all(_strings(names) for names in v.values()),
+    "base_fingerprints": lambda v: isinstance(v, dict) and all(isinstance(prints, dict) for prints in v.values()),
+}
+
+
+def shape_problem(record) -> str | None:
+    """The first field of an erase record that is not what fewshot-erase wrote, if any: a record another tool
+    rewrote carelessly, or that was made to mislead, gets one clear error instead of a crash further in."""
+    if not isinstance(record, dict):
+        return "it is not a JSON object"
+    return next((f"its {field!r} is malformed" for field, sound in SHAPES.items()
+                 if field in record and not sound(record[field])), None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -11,6 +12,12 @@ from .keys import encoder_choice_ok
 
 TRAIN_CHOICES = ("ffn", "ffn+last-attn", "all")
 PRESERVE_WEIGHT = 1.0  # the retain term's weight when concepts to keep are named: the demo's, measured there
+SEED_LIMIT = 2**63  # torch's generators take no larger seed (and the robust rounds add a few)
+
+
+def seed_problem(seed: int) -> str | None:
+    """What is wrong with a seed, if anything."""
+    return None if 0 <= seed < SEED_LIMIT else f"--seed must be between 0 and 2**63 - 1, got {seed}"
 
 
 @dataclass(frozen=True)
@@ -64,7 +71,8 @@ class EraseSettings:
 
     def __post_init__(self):
         checks = [
-            (self.lr > 0, f"--lr must be positive, got {self.lr}"),
+            (math.isfinite(self.lr) and self.lr > 0, f"--lr must be a finite positive number, got {self.lr}"),
+            (seed_problem(self.seed) is None, seed_problem(self.seed)),
             (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
             (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
             (self.steps is None or self.steps >= 1, f"--steps must be at least 1, got {self.steps}"),
@@ -76,7 +84,8 @@ class EraseSettings:
              f"--t5-layers must name blocks 0 and up, got {self.t5_layers}"),
             (self.max_sequence_length is None or self.max_sequence_length >= 1,
              f"--max-sequence-length must be at least 1, got {self.max_sequence_length}"),
-            (self.preserve_weight >= 0, f"--preserve-weight must be zero or positive, got {self.preserve_weight}"),
+            (math.isfinite(self.preserve_weight) and self.preserve_weight >= 0,
+             f"--preserve-weight must be a finite number, zero or more, got {self.preserve_weight}"),
             (self.until in (None, "gone"), f"--until must be 'gone', got {self.until!r}"),
             (self.until_window >= 1, f"the --until window must be at least 1, got {self.until_window}"),
             (self.until_drift >= 0, f"the --until drift bound must be zero or positive, got {self.until_drift}"),

@@ -26,7 +26,7 @@ from .conditioning import (FROZEN_CHUNK, as_cond, conditioning, conditioning_ten
                            split_conditioning, stacked)
 from .denoising import noised, predict, training_scheduler
 from .effects import Snapshot
-from .errors import RunFailure
+from .errors import BadInput, RunFailure
 from .prompts import fill
 from .placement import frozen_parts_in, stepping_in_backward, stepping_on_host
 from .settings import EraseSettings
@@ -38,7 +38,7 @@ def ffn_parameters(text_encoder, train: str, t5_layers: tuple[int, ...] | None =
     kind = keys.encoder_kind(text_encoder)
     layers = keys.trained_blocks(kind, t5_layers)
     if layers is not None and max(layers) >= layer_count:
-        raise RunFailure(f"--t5-layers names block {max(layers)}, but this T5 has blocks 0-{layer_count - 1}; name blocks it has")
+        raise BadInput(f"--t5-layers names block {max(layers)}, but this T5 has blocks 0-{layer_count - 1}; name blocks it has")
     selected = {}
     for name, parameter in text_encoder.named_parameters():
         canonical = keys.canonical_key(kind, name)
@@ -290,6 +290,14 @@ def checked_advantage(loop: Loop, target: Target, before: Snapshot) -> float:
     return max(of(target.templates), of(target.hardened)) if target.hardened else of(target.templates)
 
 
+def finite(trained: dict, settings: EraseSettings) -> dict:
+    """The trained weights, once checked: no loss reads the last step's update, so an --lr that blew it up shows
+    only here."""
+    if not all(torch.isfinite(p).all() for group in trained.values() for p in group.values()):
+        raise RunFailure(f"the weights became inf or nan at the last step; lower --lr (now {settings.lr}) or use --dtype float32")
+    return trained
+
+
 def run(parts, targets: list[Target], settings: EraseSettings, before: Snapshot,
         on_step: Callable[[int, float], None] = lambda step, loss: None, hold_empty: bool = False) -> LoopResult:
     """Erase `targets` from the text encoder(s) of `parts`; `before` is the report's snapshot of the original
@@ -353,8 +361,8 @@ def run(parts, targets: list[Target], settings: EraseSettings, before: Snapshot,
                     # the window read each caption before its step's update: read the whole pool as it is now too
                     trajectory[-1]["drift_now"] = drift_now(loop, pooled) if pooled else 0.0
                     if trajectory[-1]["drift_now"] <= settings.until_drift:
-                        return LoopResult(losses, trajectory, True, trained)
+                        return LoopResult(losses, trajectory, True, finite(trained, settings))
                 # every concept done but a kept one dragged along: pull the kept ones back without more ascent
                 repairing = not still
                 active = still or active
-        return LoopResult(losses, trajectory, False, trained)
+        return LoopResult(losses, trajectory, False, finite(trained, settings))

@@ -158,6 +158,16 @@ def model_gone(record, tmp_path):
     record["base"].update(kind="folder", model=str(tmp_path / "models" / "sd15"))
 
 
+def settings_gone(record, tmp_path):
+    record["settings"] = None
+
+
+def without_weights(folder: Path) -> Path:
+    for weights in folder.rglob("model.safetensors"):
+        weights.unlink()
+    return folder
+
+
 BAD = {
     "not an erase output": (lambda seven, tmp: [tmp], "is not a fewshot-erase output"),
     "a picture changed": (lambda seven, tmp: [copy_with_record(seven, tmp, changed_picture)], "has changed since the erase"),
@@ -169,6 +179,10 @@ BAD = {
     "budget of no attack": (lambda seven, tmp: [seven, "--budget", "jailbreak=3"], "unknown attack 'jailbreak'"),
     "unknown attack": (lambda seven, tmp: [seven, "--attack", "jailbreak"], "unknown attack 'jailbreak'"),
     "model gone": (lambda seven, tmp: [copy_with_record(seven, tmp, model_gone)], "pass --model"),
+    "record damaged": (lambda seven, tmp: [copy_with_record(seven, tmp, settings_gone)], "its 'settings' is malformed"),
+    "weights gone": (lambda seven, tmp: [without_weights(copy_with_record(seven, tmp, lambda *_: None))],
+                     "the erase output is damaged, re-run the erase"),
+    "seed too large": (lambda seven, tmp: [seven, "--seed", str(2**70)], "--seed must be between 0 and 2**63 - 1"),
 }
 
 

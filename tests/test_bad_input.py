@@ -494,12 +494,48 @@ def loss_becomes_nan(ws):
     return Case(["tiny robot", ws.pictures()], ws.model(steps=3, lr=1e30), exit_code=1, message="lower --lr")
 
 
+@case("cli", "api")
+def weights_blow_up_at_the_last_step(ws):
+    """No loss reads the last step's update: what it made of the encoder is checked before anything is written."""
+    return Case(["tiny robot", ws.pictures()], ws.model(steps=1, lr=1e30), exit_code=1, message="lower --lr")
+
+
+@case("cli", "api")
+def lr_infinite(ws):
+    return Case(["tiny robot", ws.pictures()], ws.model(lr=float("inf")), message="--lr must be a finite positive number")
+
+
+@case("cli", "api")
+def preserve_weight_infinite(ws):
+    return Case(["tiny robot", ws.pictures()], ws.model(preserve_weight=float("inf")),
+                message="--preserve-weight must be a finite number")
+
+
+@case("cli", "api")
+def seed_too_large_for_torch(ws):
+    return Case(["tiny robot", ws.pictures()], ws.model(seed=2**70), message="--seed must be between 0 and 2**63 - 1")
+
+
 @case("cli")
 def concept_longer_than_77_tokens(ws):
     def warned_and_erased(output, warned):
         assert json.loads((output / "erase.json").read_text())["steps"] == 1
         assert len(warned) == 1 and "over CLIP's 77" in warned[0]
     return Case([" ".join(["tiny robot"] * 45), ws.pictures()], ws.model(**FAST), exit_code=0, accepted=warned_and_erased)
+
+
+@case("cli", "api")
+def output_name_longer_than_the_file_system_takes(ws):
+    return Case(["tiny robot", ws.pictures()], ws.model(), output=ws.outputs / ("b" * 300), message="choose a shorter")
+
+
+@case("cli")
+def output_name_long_but_valid(ws):
+    """Its hidden staging name beside it must fit too."""
+    def erased(output, warned):
+        assert json.loads((output / "erase.json").read_text())["steps"] == 1
+    return Case(["tiny robot", ws.pictures()], ws.model(**FAST), output=ws.outputs / ("c" * 240), exit_code=0,
+                accepted=erased)
 
 
 @case("cli", "api")
@@ -830,3 +866,15 @@ def test_usage_errors_are_one_line_and_exit_2(arguments):
     result = run_cli(*arguments)
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "--help" in lines[0]
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--guidance-scale", "nan"], "--guidance-scale must be a finite number, zero or more"),
+    (["--guidance-scale", "-5"], "--guidance-scale must be a finite number, zero or more"),
+])
+def test_compare_refuses_generation_settings_out_of_range_before_loading(erased, tmp_path, options, message):
+    _, output = erased("sd1")
+    result = run_cli("compare", output, "-o", tmp_path / "grid.png", *options)
+    assert result.exit_code == 2 and message in result.stderr, result.output
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "grid.png").exists()

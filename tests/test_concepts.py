@@ -37,6 +37,12 @@ def test_manifest_errors_name_the_entry_and_field(tmp_path, entries, message):
         read_manifest(tmp_path / "m.json")
 
 
+def test_a_manifest_that_is_no_text_file_is_refused(tmp_path):
+    (tmp_path / "m.json").write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe")
+    with pytest.raises(BadInput, match="is not a text file"):
+        read_manifest(tmp_path / "m.json")
+
+
 @pytest.mark.parametrize("specs, preserve, message", [
     ([ConceptSpec("seven", ("d",), anchor="Seven")], (), "anchor .* is the concept itself"),
     ([ConceptSpec("seven", ("d",)), ConceptSpec("Seven", ("e",))], (), "given twice"),

@@ -3,6 +3,7 @@ an erase output, an exported patch), its family and text encoders, the erase rec
 fits it."""
 
 import json
+import shutil
 
 import pytest
 from PIL import Image
@@ -101,3 +102,26 @@ def _picture(folder):
 def test_what_it_cannot_read_is_one_line_and_exit_2(tmp_path, make, message):
     result = run_cli("inspect", make(tmp_path))
     assert result.exit_code == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("field, value", [("images", "x"), ("effects", 5), ("concepts", []), ("settings", None)])
+@pytest.mark.parametrize("command", ["inspect", "export"])
+def test_a_hand_edited_record_is_refused_as_damaged_in_one_line(erased, tmp_path, field, value, command):
+    _, output = erased("sd1")
+    copy = shutil.copytree(output, tmp_path / "edited")
+    record = json.loads((copy / "erase.json").read_text())
+    (copy / "erase.json").write_text(json.dumps({**record, field: value}))
+    arguments = [copy] if command == "inspect" else [copy, "--format", "delta", "-o", tmp_path / "delta.safetensors"]
+    result = run_cli(command, *arguments)
+    assert result.exit_code == 2 and f"its {field!r} is malformed" in result.stderr, result.output
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "delta.safetensors").exists()
+
+
+def test_a_record_without_the_bases_fingerprints_is_called_damaged_not_another_base(erased, tmp_path):
+    tiny, output = erased("sd1")
+    copy = shutil.copytree(output, tmp_path / "edited")
+    record = json.loads((copy / "erase.json").read_text())
+    del record["base_fingerprints"]
+    (copy / "erase.json").write_text(json.dumps(record))
+    result = run_cli("apply", copy, tiny.single_file, "-o", tmp_path / "patched.safetensors")
+    assert result.exit_code == 2 and "damaged fewshot-erase record" in result.stderr, result.output

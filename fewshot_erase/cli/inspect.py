@@ -18,41 +18,52 @@ def inspect_command(path, patch, as_json):
         from ..inspect import inspect
 
         report = inspect(path, patch)
+        text = None if as_json else _text(report)
     if as_json:
         print_json(report)
     else:
-        _show(report)
+        click.echo(text)
 
 
-def _show(report: dict) -> None:
-    click.echo(f"{report['path']}: {report['kind']}, {report['family_label']}")
+def _text(report: dict) -> str:
+    """The report as lines for a person, all or nothing: a record another tool rewrote is refused whole."""
+    from ..errors import BadInput
+
+    try:
+        return "\n".join(_lines(report))
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise BadInput(f"{report['path']} carries a damaged fewshot-erase record; re-create it with fewshot-erase") from None
+
+
+def _lines(report: dict):
+    yield f"{report['path']}: {report['kind']}, {report['family_label']}"
     for encoder, facts in report["text_encoders"].items():
-        click.echo(f"  {encoder}: {_encoder_line(facts)}")
+        yield f"  {encoder}: {_encoder_line(facts)}"
     if not report["records"]:
-        click.echo("  no erase record")
+        yield "  no erase record"
     for record in report["records"]:
         base = record["base"]
-        settings = record["settings"]
-        click.echo(f"  erased {record['concept']!r} with {len(record['images'])} images from {base['model']} "
-                   f"(lr {settings['lr']}, {record.get('steps')} steps, train {settings['train']})")
+        settings = record.get("settings", {})
+        yield (f"  erased {record.get('concept')!r} with {len(record.get('images', []))} images from {base['model']} "
+               f"(lr {settings.get('lr')}, {record.get('steps')} steps, train {settings.get('train')})")
         for line in effect_lines(record["effects"]) if "effects" in record else ():
-            click.echo("  " + line)
-        for encoder, identity in base["text_encoders"].items():
-            click.echo(f"    base {encoder} sha256 {identity['sha256']}")
-        for image in record["images"]:
-            click.echo(f"    image {image['name']} sha256 {image['sha256']}")
+            yield "  " + line
+        for encoder, identity in base.get("text_encoders", {}).items():
+            yield f"    base {encoder} sha256 {identity['sha256']}"
+        for image in record.get("images", []):
+            yield f"    image {image['name']} sha256 {image['sha256']}"
         if "export" in record:
-            click.echo(f"    exported as {record['export']['format']}" + (f", rank {record['export']['rank']}" if "rank" in record["export"] else ""))
+            yield (f"    exported as {record['export']['format']}" + (f", rank {record['export']['rank']}" if "rank" in record["export"] else ""))
         if "applied" in record:
             matched = "its base" if record["applied"]["base_matched"] else "another model than its base (--force)"
-            click.echo(f"    applied from the {record['applied']['patch']} to {matched}")
+            yield f"    applied from the {record['applied']['patch']} to {matched}"
     if "patch" in report:
         patch = report["patch"]
         if patch["fits"]:
-            click.echo(f"  patch {patch['path']} fits: this is its base")
+            yield f"  patch {patch['path']} fits: this is its base"
         else:
             reason = patch.get("reason") or f"{len(patch['differing'])} feed-forward tensors differ from its base"
-            click.echo(f"  patch {patch['path']} does not fit: {reason}")
+            yield f"  patch {patch['path']} does not fit: {reason}"
 
 
 def _encoder_line(facts: dict) -> str:

@@ -17,6 +17,12 @@ from ..errors import BadInput, RunFailure
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
 TAKEN = (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR)  # what a rename onto an existing path says
+NAME_KEPT = 100  # of the target's name in its hidden staging names: any name the file system takes leaves room
+
+
+def hidden(target: Path, kind: str) -> str:
+    """The prefix of a hidden staging or trash path beside `target`."""
+    return f".{target.name[:NAME_KEPT]}.{kind}-"
 
 
 def check_target(target: Path, overwrite: bool, inputs: tuple[Path, ...] = ()) -> Path:
@@ -31,7 +37,11 @@ def check_target(target: Path, overwrite: bool, inputs: tuple[Path, ...] = ()) -
             raise BadInput(f"output {target} is inside the input folder {source}; write it somewhere else")
         if source.is_relative_to(resolved):
             raise BadInput(f"output {target} contains the input {source}, which replacing it would delete; write it somewhere else")
-    if target.exists() and not overwrite:
+    try:
+        exists = target.exists()
+    except OSError as error:  # a name longer than the file system takes, above all
+        raise BadInput(f"output {target} cannot be used ({error.strerror or error}); choose a shorter or another path") from None
+    if exists and not overwrite:
         raise BadInput(f"output {target} already exists; choose another path or pass --overwrite")
     parent = resolved.parent
     if not parent.is_dir():
@@ -43,7 +53,7 @@ def check_target(target: Path, overwrite: bool, inputs: tuple[Path, ...] = ()) -
 def _check_writable(folder: Path, target: Path) -> None:
     """Try it rather than trust permission bits: they do not bind root, and a read-only mount shows only on writing."""
     try:
-        probe = tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=folder)
+        probe = tempfile.mkdtemp(prefix=hidden(target, "partial"), dir=folder)
     except OSError as error:
         raise BadInput(f"cannot write to {folder} ({error.strerror or error}); choose a writable output path") from None
     os.rmdir(probe)
@@ -90,7 +100,7 @@ def _replace(staging: Path, target: Path, overwrite: bool) -> None:
             raise RunFailure(f"output {target} appeared while this run was working (another run?); nothing of this run was kept. Choose another path or pass --overwrite")
         # Move the old output aside first so the new one lands by a single rename; then drop the old. Should the
         # rename fail, the old output goes back; should even that fail, it stays whole in the .old- folder.
-        trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        trash = Path(tempfile.mkdtemp(prefix=hidden(target, "old"), dir=target.parent))
         try:
             os.replace(target, trash / "old")
         except FileNotFoundError:
@@ -123,7 +133,7 @@ def staged_folder(target: Path, overwrite: bool):
     target = Path(target)
     staging = None
     try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+        staging = Path(tempfile.mkdtemp(prefix=hidden(target, "partial"), dir=target.parent))
         _ordinary_mode(staging, 0o777)
         yield staging
         _replace(staging, target, overwrite)
@@ -140,7 +150,7 @@ def staged_file(target: Path, overwrite: bool):
     target = Path(target)
     staging = None
     try:
-        handle, name = tempfile.mkstemp(prefix=f".{target.name}.partial-", dir=target.parent)
+        handle, name = tempfile.mkstemp(prefix=hidden(target, "partial"), dir=target.parent)
         os.close(handle)
         staging = Path(name)
         _ordinary_mode(staging, 0o666)
