@@ -6,8 +6,9 @@ import json
 from pathlib import Path
 
 from .errors import BadInput, first_line
+from .families import FAMILIES
 from .record import shape_problem, tensors_sha256
-from .writers.text_encoder import RECORD_NAME, canonical_state, encoder_folder
+from .writers.text_encoder import RECORD_NAME, WEIGHTS_NAME, canonical_state, encoder_folder
 
 
 def read_record(output: Path) -> dict:
@@ -21,6 +22,10 @@ def read_record(output: Path) -> dict:
         raise BadInput(f"{path} is damaged (not an erase record); re-run the erase") from None
     if shape_problem(record):
         raise BadInput(f"{path} is damaged ({shape_problem(record)}); re-run the erase")
+    family = FAMILIES.get(record["base"]["family"])
+    for name in family.encoders if family else ():  # before any model is loaded for it
+        if not (encoder_folder(Path(output), family, name) / WEIGHTS_NAME).is_file():
+            raise BadInput(f"{output} lacks its erased {name} ({WEIGHTS_NAME}); the erase output is damaged, re-run the erase")
     return record
 
 

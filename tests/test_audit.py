@@ -181,7 +181,7 @@ BAD = {
     "model gone": (lambda seven, tmp: [copy_with_record(seven, tmp, model_gone)], "pass --model"),
     "record damaged": (lambda seven, tmp: [copy_with_record(seven, tmp, settings_gone)], "its 'settings' is malformed"),
     "weights gone": (lambda seven, tmp: [without_weights(copy_with_record(seven, tmp, lambda *_: None))],
-                     "the erase output is damaged, re-run the erase"),
+                     "lacks its erased text_encoder"),
     "seed too large": (lambda seven, tmp: [seven, "--seed", str(2**70)], "--seed must be between 0 and 2**63 - 1"),
 }
 
