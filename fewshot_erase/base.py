@@ -47,7 +47,7 @@ def base_identity(parts, settings: EraseSettings) -> tuple[dict, dict]:
 
 def check_family(patch: Patch, family: families.Family, where: str) -> None:
     if family is not patch.family:
-        raise BadInput(f"patch {patch.source} was made on an {patch.family.label} model but {where} is {family.label}; apply it to the model it was erased from ({patch.record['base']['model']})")
+        raise BadInput(f"patch {patch.source} was made on an {patch.family.label} model but {where} is {family.label}; use the model it was erased from ({patch.record['base']['model']})")
 
 
 def mismatches(patch: Patch, files: list[WeightFile], where: str) -> list[str]:

@@ -78,6 +78,9 @@ def _read_json(path: Path, what: str) -> dict:
 
 
 def family_of_folder(path: Path, where: str) -> families.Family:
+    if not (path / "model_index.json").is_file():
+        what = "an erase output, not a model" if (path / "erase.json").is_file() else "not a diffusers pipeline folder (no model_index.json)"
+        raise BadInput(f"{where} is {what}; pass a .safetensors checkpoint or a diffusers pipeline folder")
     model_index = _read_json(path / "model_index.json", "model index")
     text_encoder = _read_json(path / "text_encoder" / "config.json", "text encoder config") or None
     return families.family_from_configs(model_index, text_encoder, where)

@@ -642,6 +642,12 @@ def apply_patch_to_another_base(ws):
 
 
 @case("cli", "api")
+def apply_to_an_erase_output(ws):
+    patch = Path(shutil.copytree(ws.erase_output, ws.inputs / "patch"))
+    return Case([patch, patch], {}, command="apply", output=ws.outputs / "patched", message="is an erase output, not a model")
+
+
+@case("cli", "api")
 def apply_new_is_the_input(ws):
     patch = Path(shutil.copytree(ws.erase_output, ws.inputs / "patch"))
     checkpoint = Path(shutil.copy(ws.tiny.single_file, ws.inputs / "model.safetensors"))

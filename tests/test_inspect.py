@@ -98,6 +98,7 @@ def _picture(folder):
     (_picture, "photo.png is not a .safetensors file; inspect takes a checkpoint"),
     (lambda folder: folder / "missing.safetensors", "does not exist"),
     (_junk, "too short"),
+    (lambda folder: _picture(folder).parent, "is not a diffusers pipeline folder (no model_index.json)"),
 ])
 def test_what_it_cannot_read_is_one_line_and_exit_2(tmp_path, make, message):
     result = run_cli("inspect", make(tmp_path))
