@@ -9,6 +9,7 @@ import errno
 import hashlib
 import os
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -51,7 +52,14 @@ def find_image_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
         raise BadInput("no images given; pass image files or folders of images after the concept")
     for path in found:
         check_is_file(path)
-    return found
+    first: dict[Path, Path] = {}
+    for path in found:
+        first.setdefault(path.resolve(), path)
+    repeated = sum(count > 1 for count in Counter(path.resolve() for path in found).values())
+    if repeated:
+        warnings.warn(f"{repeated} pictures were given more than once (a folder and a file in it, or a path "
+                      "repeated); each is used once", EraseWarning, stacklevel=2)
+    return list(first.values())
 
 
 def check_is_file(path: Path) -> None:

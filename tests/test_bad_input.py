@@ -517,6 +517,16 @@ def seed_too_large_for_torch(ws):
 
 
 @case("cli")
+def pictures_given_twice(ws):
+    folder = ws.pictures()
+    def used_once(output, warned):
+        assert len(json.loads((output / "erase.json").read_text())["images"]) == 2
+        assert len(warned) == 1 and "2 pictures were given more than once" in warned[0]
+    return Case(["tiny robot", folder, folder / sorted(p.name for p in folder.iterdir())[0], folder], ws.model(**FAST),
+                exit_code=0, accepted=used_once)
+
+
+@case("cli")
 def concept_longer_than_77_tokens(ws):
     def warned_and_erased(output, warned):
         assert json.loads((output / "erase.json").read_text())["steps"] == 1
