@@ -365,6 +365,8 @@ def _export(place: _Place, paths: _Paths, item: _Located) -> FollowUp:
     rank = item.get("rank")
     if rank is not None and not (_fits(rank, int) and rank >= 1):
         raise place.problem(item, "rank", f"must be a whole number of at least 1, got {rank!r}")
+    if rank is not None and not item["format"].startswith("lora"):
+        raise place.problem(item, "rank", f"sets a LoRA's rank, and {item['format']} is no LoRA; leave it out")
     output = paths.path(item, "output")
     if (output.suffix.lower() == ".safetensors") == (item["format"] == "drop-in"):
         raise place.problem(item, "output", f"the export {'folder' if item['format'] == 'drop-in' else 'file'} "

@@ -36,6 +36,8 @@ def export(output, fmt: str, target, *, rank: int | None = None, model: str | No
         raise BadInput(f"unknown export format {fmt!r}; use one of {', '.join(EXPORT_FORMATS)}")
     if rank is not None and rank < 1:
         raise BadInput(f"--rank must be at least 1, got {rank}")
+    if rank is not None and not fmt.startswith("lora"):
+        raise BadInput(f"--rank sets a LoRA's rank; {fmt} is no LoRA: leave --rank out or export lora-kohya or lora-diffusers")
     output, target = Path(output), Path(target)
     if fmt == "drop-in":
         return _export_drop_in(output, target, overwrite)
@@ -56,8 +58,10 @@ def export(output, fmt: str, target, *, rank: int | None = None, model: str | No
             report = lora.write_lora(staging, fmt, patch, base, differences, rank, record, tokenizers_in(patch, model))
     if report.get("effect_error", 0.0) > lora.TOLERANCE:
         missed = f"the LoRA misses {report['effect_error']:.1%} of the erase's effect on the erased prompts' embeddings"
-        fix = (" (kohya's keys cannot carry the bias changes); export lora-diffusers or delta to keep them, or raise --rank"
-               if report["biases"] == "left out" else "; raise --rank")
+        full = isinstance(report.get("rank_asked"), int) and report["rank_asked"] > report["rank"]  # no higher rank to raise to
+        more = "" if full else ", or raise --rank"
+        fix = (f" (kohya's keys cannot carry the bias changes); export lora-diffusers or delta to keep them{more}"
+               if report["biases"] == "left out" else ("; raise --rank" if not full else "; export delta to keep it all"))
         warnings.warn(missed + fix, EraseWarning, stacklevel=2)
     return ExportResult(target, report)
 

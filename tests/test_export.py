@@ -128,6 +128,7 @@ def test_the_base_model_can_be_named_and_must_be_the_erased_one(erased, tmp_path
     (["--format", "delta", "-o", "patch.bin"], "must end in .safetensors"),
     (["--format", "lora-kohya", "--rank", "0", "-o", "patch.safetensors"], "--rank must be at least 1"),
     (["--format", "zip", "-o", "patch.safetensors"], "Invalid value for '--format'"),
+    (["--format", "delta", "--rank", "4", "-o", "patch.safetensors"], "--rank sets a LoRA's rank; delta is no LoRA"),
 ])
 def test_bad_export_options_are_one_line_and_exit_2(erased, tmp_path, arguments, message):
     _, output = erased("sd1")
