@@ -19,13 +19,12 @@ from . import prompts
 from .concepts import COMMON_CONCEPTS, ConceptSpec, automatic_preserve, check_specs, nearest
 from .errors import BadInput, EraseWarning, RunFailure, python_terms
 from .families import FLUX
-from .keys import trained_encoders
 from .models import (PICKLE_SUFFIXES, KeptModel, import_libraries, load_pipeline_parts, resolve_device,
                      resolve_model)
 from .base import base_identity
 from .placement import encoders_held
 from .record import RECORD_FORMAT, library_versions
-from .settings import EraseSettings, with_implied
+from .settings import EraseSettings, check_family_settings, with_implied
 from .writers.atomic import check_target, staged_folder
 from .writers.text_encoder import write_erase_output
 
@@ -304,18 +303,6 @@ def _erase_between_snapshots(parts, targets, watched, run_settings, progress, ti
                          "or use --dtype float32")
     timings["report"] += time.perf_counter() - clock
     return before, result, effect
-
-
-def check_family_settings(family, settings: EraseSettings) -> None:
-    """Choices that only some families have, refused where the model lacks them (before any work)."""
-    chosen = [family.kinds[name] for name in trained_encoders(family, settings.encoder)]
-    if "t5" not in family.encoder_names and (settings.t5_layers is not None or settings.max_sequence_length is not None):
-        raise BadInput(f"--t5-layers and --max-sequence-length are T5's, and {family.label} has no T5; leave them out")
-    if settings.t5_layers is not None and "t5" not in chosen:
-        raise BadInput(f"--t5-layers names T5 blocks, but --encoder {settings.encoder} does not erase in T5; add t5 to --encoder or leave --t5-layers out")
-    if settings.robust and "t5" in family.encoder_names:
-        raise BadInput(f"--robust attacks with learned CLIP token embeddings, and {family.label} also reads T5, whose vocabulary "
-                       "they do not reach; leave --robust out (audit's prompts attack still checks the erase)")
 
 
 def check_output_is_a_folder(output: Path) -> None:

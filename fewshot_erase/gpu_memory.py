@@ -261,7 +261,7 @@ def estimate(family_name: str, resolution: int | None = None, preset: str = "def
     from .models import ModelSource, PipelineParts, quiet_libraries
     from .placement import encoders_held
     from .prompts import default_templates
-    from .settings import EraseSettings
+    from .settings import EraseSettings, check_family_settings
     from .writers.text_encoder import canonical_state
 
     quiet_libraries()
@@ -276,6 +276,7 @@ def estimate(family_name: str, resolution: int | None = None, preset: str = "def
         settings = EraseSettings(concept="the concept", resolution=resolution or parts.resolution, steps=STEPS,
                                  low_memory=low_memory, encoder=encoder, t5_layers=t5_layers,
                                  max_sequence_length=sequence_length, **options)
+        check_family_settings(family, settings)
         denoiser = parts.denoiser
         window = settings.until_window
         trained = unlearning.prepare_encoders(parts, settings)

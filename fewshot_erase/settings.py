@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .errors import BadInput
-from .keys import encoder_choice_ok
+from .keys import encoder_choice_ok, trained_encoders
 
 TRAIN_CHOICES = ("ffn", "ffn+last-attn", "all")
 PRESERVE_WEIGHT = 1.0  # the retain term's weight when concepts to keep are named: the demo's, measured there
@@ -134,3 +134,15 @@ def with_implied(chosen: dict, recommended: dict) -> dict:
     if chosen.get("preserve") and "preserve_weight" not in chosen and not recommended.get("preserve_weight"):
         return {**chosen, "preserve_weight": PRESERVE_WEIGHT}
     return chosen
+
+
+def check_family_settings(family, settings: EraseSettings) -> None:
+    """Choices that only some families have, refused where the model lacks them (before any work)."""
+    chosen = [family.kinds[name] for name in trained_encoders(family, settings.encoder)]
+    if "t5" not in family.encoder_names and (settings.t5_layers is not None or settings.max_sequence_length is not None):
+        raise BadInput(f"--t5-layers and --max-sequence-length are T5's, and {family.label} has no T5; leave them out")
+    if settings.t5_layers is not None and "t5" not in chosen:
+        raise BadInput(f"--t5-layers names T5 blocks, but --encoder {settings.encoder} does not erase in T5; add t5 to --encoder or leave --t5-layers out")
+    if settings.robust and "t5" in family.encoder_names:
+        raise BadInput(f"--robust attacks with learned CLIP token embeddings, and {family.label} also reads T5, whose vocabulary "
+                       "they do not reach; leave --robust out (audit's prompts attack still checks the erase)")

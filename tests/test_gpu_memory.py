@@ -79,6 +79,8 @@ def test_memory_prints_peak_and_predictions_as_json():
     (["--resolution", "500"], "--resolution must be a multiple of 64"),
     (["--preset", "fast"], "unknown preset 'fast'"),
     (["--dtype", "int8"], "--dtype must be bfloat16, float16 or float32"),
+    (["--family", "sd1", "--t5-layers", "0-5"], "SD 1.x has no T5"),
+    (["--family", "flux", "--t5-layers", "0-999"], "name blocks it has"),
 ])
 def test_memory_refuses_bad_requests_in_one_line(args, message):
     result = run_cli("memory", *args)
