@@ -105,9 +105,19 @@ def _erase(job: Job, overwrite: bool, progress) -> dict:
         if not overwrite:
             raise BadInput(f"output {job.output} exists but is not this job's erase ({found[0]}); remove it, or pass "
                            "--overwrite to replace it")
+    made_room_for(job.output)
     result = erase_concepts(list(job.specs), job.output, model=job.model, overwrite=overwrite, progress=progress,
                             kept=_kept_model(), **job.loading, **job.settings)
     return {"status": DONE, "report": result.summary()}
+
+
+def made_room_for(output: Path) -> None:
+    """A manifest names its outputs' folders (out/...): they are made where missing, on the machine the job runs."""
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise BadInput(f"cannot create the folder {output.parent} for {output} ({error.strerror or error}); "
+                       "choose a writable output path") from None
 
 
 def follow_up_step(job: Job, follow_up: FollowUp, erased: dict, overwrite: bool = False, progress=None) -> dict:
@@ -129,6 +139,7 @@ def _follow_up(job: Job, follow_up: FollowUp, erase_skipped: bool, overwrite: bo
         if not overwrite:
             raise BadInput(f"{follow_up.output} exists, made from an earlier erase than the one just run; remove it, "
                            "or pass --overwrite to replace it")
+    made_room_for(follow_up.output)
     with (progress or Progress()).phase(f"{follow_up.kind} {follow_up.output.name}"):
         options = follow_up.options
         if follow_up.kind == "apply":

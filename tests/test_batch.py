@@ -74,8 +74,7 @@ def check_lines(folder: Path) -> None:
 @pytest.fixture(scope="module")
 def local_run(tiny_model, pictures, tmp_path_factory):
     folder = tmp_path_factory.mktemp("local")
-    manifest = three_jobs(tiny_model("sd1"), pictures, folder)
-    (folder / "out").mkdir()
+    manifest = three_jobs(tiny_model("sd1"), pictures, folder)  # out/ is not there: the batch makes it
     return folder, manifest, run_cli("batch", manifest)
 
 
