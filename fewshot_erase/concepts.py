@@ -37,8 +37,9 @@ def check_specs(specs: list[ConceptSpec], preserve: tuple[str, ...]) -> list[Con
     """One concept once; an anchor is another concept; nothing preserved names a concept being erased."""
     if not specs:
         raise BadInput("no concept given; name one, or pass --concept NAME=DIR or --manifest FILE")
-    specs = [ConceptSpec(check_concept(s.concept), tuple(s.images), s.style, s.anchor and check_concept(s.anchor))
+    specs = [ConceptSpec(check_concept(s.concept), tuple(s.images), s.style, None if s.anchor is None else named(s.anchor, "anchor"))
              for s in specs]
+    preserve = tuple(named(text, "concept to preserve") for text in preserve)
     seen = set()
     for spec in specs:
         key = spec.concept.lower()
@@ -54,6 +55,14 @@ def check_specs(specs: list[ConceptSpec], preserve: tuple[str, ...]) -> list[Con
             if spec.concept.lower() in text.lower():
                 raise BadInput(f"preserve prompt {text!r} contains the erased concept {spec.concept!r}; remove it from the preserve list")
     return specs
+
+
+def named(text: str, what: str) -> str:
+    """An anchor or a kept concept, which must name something: an empty one would be read as no text at all."""
+    text = " ".join(text.split())
+    if not text:
+        raise BadInput(f"the {what} is empty; name a concept, or leave the option out")
+    return text
 
 
 def parse_concept_option(value: str) -> ConceptSpec:

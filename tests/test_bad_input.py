@@ -512,6 +512,16 @@ def preserve_weight_infinite(ws):
 
 
 @case("cli", "api")
+def anchor_empty(ws):
+    return Case(["tiny robot", ws.pictures()], ws.model(anchor=" "), message="the anchor is empty")
+
+
+@case("cli")
+def concept_to_preserve_empty(ws):
+    return Case(["tiny robot", ws.pictures()], ws.model(preserve=" "), message="the concept to preserve is empty")
+
+
+@case("cli", "api")
 def seed_too_large_for_torch(ws):
     return Case(["tiny robot", ws.pictures()], ws.model(seed=2**70), message="--seed must be between 0 and 2**63 - 1")
 
