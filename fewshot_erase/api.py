@@ -290,6 +290,7 @@ def _erase_between_snapshots(parts, targets, watched, run_settings, progress, ti
     clock = time.perf_counter()
     with progress.phase("erasing", total=steps) as advance:
         result = method.run(parts, targets, run_settings, before, on_step=lambda step, loss: advance(loss=loss))
+        unlearning.check_finite(result.trained, run_settings)
         if result.stopped_early:
             advance(0, note="stopped early: every concept done")
     timings["train"] = time.perf_counter() - clock

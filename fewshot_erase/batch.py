@@ -5,6 +5,7 @@ input or failure is its own and the others go on. Locally one job after another,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -19,6 +20,7 @@ from typing import Iterator
 from .batch_manifest import SETTING_TYPES, FollowUp, Job
 from .errors import BadInput, EraseError, EraseWarning, first_line
 from .settings import EraseSettings, with_implied
+from .writers.atomic import exists
 
 DONE, SKIPPED, FAILED, NOT_RUN = "done", "skipped", "failed", "not run"
 # Ray reruns a task whose worker process died (a lost node, an OOM kill) this many times; a task that returned a
@@ -93,7 +95,7 @@ def _erase(job: Job, overwrite: bool, progress) -> dict:
     from .api import EraseResult, erase_concepts
     from .outputs import read_record
 
-    if job.output.exists():
+    if exists(job.output):
         try:
             record = read_record(job.output)
         except BadInput:
@@ -105,19 +107,29 @@ def _erase(job: Job, overwrite: bool, progress) -> dict:
         if not overwrite:
             raise BadInput(f"output {job.output} exists but is not this job's erase ({found[0]}); remove it, or pass "
                            "--overwrite to replace it")
-    made_room_for(job.output)
-    result = erase_concepts(list(job.specs), job.output, model=job.model, overwrite=overwrite, progress=progress,
-                            kept=_kept_model(), **job.loading, **job.settings)
+    with room_for(job.output):
+        result = erase_concepts(list(job.specs), job.output, model=job.model, overwrite=overwrite, progress=progress,
+                                kept=_kept_model(), **job.loading, **job.settings)
     return {"status": DONE, "report": result.summary()}
 
 
-def made_room_for(output: Path) -> None:
-    """A manifest names its outputs' folders (out/...): they are made where missing, on the machine the job runs."""
+@contextlib.contextmanager
+def room_for(output: Path):
+    """A manifest names its outputs' folders (out/...): inside, those missing are made, on the machine the job runs;
+    a job that fails takes the ones it made with it (nothing written)."""
+    made = [folder for folder in [output.parent, *output.parent.parents] if not folder.exists()]
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise BadInput(f"cannot create the folder {output.parent} for {output} ({error.strerror or error}); "
                        "choose a writable output path") from None
+    try:
+        yield
+    except BaseException:
+        for folder in made:  # deepest first; one another job has written into meanwhile stays
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
 
 
 def follow_up_step(job: Job, follow_up: FollowUp, erased: dict, overwrite: bool = False, progress=None) -> dict:
@@ -133,14 +145,13 @@ def follow_up_step(job: Job, follow_up: FollowUp, erased: dict, overwrite: bool 
 def _follow_up(job: Job, follow_up: FollowUp, erase_skipped: bool, overwrite: bool, progress) -> dict:
     from .api import Progress
 
-    if follow_up.output.exists():
+    if exists(follow_up.output):
         if erase_skipped:
             return {"status": SKIPPED}
         if not overwrite:
             raise BadInput(f"{follow_up.output} exists, made from an earlier erase than the one just run; remove it, "
                            "or pass --overwrite to replace it")
-    made_room_for(follow_up.output)
-    with (progress or Progress()).phase(f"{follow_up.kind} {follow_up.output.name}"):
+    with room_for(follow_up.output), (progress or Progress()).phase(f"{follow_up.kind} {follow_up.output.name}"):
         options = follow_up.options
         if follow_up.kind == "apply":
             from .apply import apply

@@ -39,7 +39,6 @@ def check_specs(specs: list[ConceptSpec], preserve: tuple[str, ...]) -> list[Con
         raise BadInput("no concept given; name one, or pass --concept NAME=DIR or --manifest FILE")
     specs = [ConceptSpec(check_concept(s.concept), tuple(s.images), s.style, None if s.anchor is None else named(s.anchor, "anchor"))
              for s in specs]
-    preserve = tuple(named(text, "concept to preserve") for text in preserve)
     seen = set()
     for spec in specs:
         key = spec.concept.lower()
@@ -58,7 +57,7 @@ def check_specs(specs: list[ConceptSpec], preserve: tuple[str, ...]) -> list[Con
 
 
 def named(text: str, what: str) -> str:
-    """An anchor or a kept concept, which must name something: an empty one would be read as no text at all."""
+    """`text`, which must name something (an anchor): an empty one would be read as no anchor at all."""
     text = " ".join(text.split())
     if not text:
         raise BadInput(f"the {what} is empty; name a concept, or leave the option out")

@@ -58,7 +58,7 @@ def export(output, fmt: str, target, *, rank: int | None = None, model: str | No
             report = lora.write_lora(staging, fmt, patch, base, differences, rank, record, tokenizers_in(patch, model))
     if report.get("effect_error", 0.0) > lora.TOLERANCE:
         missed = f"the LoRA misses {report['effect_error']:.1%} of the erase's effect on the erased prompts' embeddings"
-        full = isinstance(report.get("rank_asked"), int) and report["rank_asked"] > report["rank"]  # no higher rank to raise to
+        full = report["rank"] >= report["full_rank"]  # no higher rank to raise to
         more = "" if full else ", or raise --rank"
         fix = (f" (kohya's keys cannot carry the bias changes); export lora-diffusers or delta to keep them{more}"
                if report["biases"] == "left out" else ("; raise --rank" if not full else "; export delta to keep it all"))

@@ -57,8 +57,9 @@ def find_image_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
         first.setdefault(path.resolve(), path)
     repeated = sum(count > 1 for count in Counter(path.resolve() for path in found).values())
     if repeated:
-        warnings.warn(f"{repeated} pictures were given more than once (a folder and a file in it, or a path "
-                      "repeated); each is used once", EraseWarning, stacklevel=2)
+        counted = "1 picture was" if repeated == 1 else f"{repeated} pictures were"
+        warnings.warn(f"{counted} given more than once (the same file by two paths, or a path repeated); each is "
+                      "used once", EraseWarning, stacklevel=2)
     return list(first.values())
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from . import safetensors_file
 from .errors import BadInput, first_line
 from .families import FAMILIES
 from .record import shape_problem, tensors_sha256
@@ -24,8 +25,10 @@ def read_record(output: Path) -> dict:
         raise BadInput(f"{path} is damaged ({shape_problem(record)}); re-run the erase")
     family = FAMILIES.get(record["base"]["family"])
     for name in family.encoders if family else ():  # before any model is loaded for it
-        if not (encoder_folder(Path(output), family, name) / WEIGHTS_NAME).is_file():
+        weights = encoder_folder(Path(output), family, name) / WEIGHTS_NAME
+        if not weights.is_file():
             raise BadInput(f"{output} lacks its erased {name} ({WEIGHTS_NAME}); the erase output is damaged, re-run the erase")
+        safetensors_file.read_header(weights)  # a truncated or foreign file: its own one line, here
     return record
 
 

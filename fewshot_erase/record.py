@@ -56,10 +56,10 @@ def _pictures(value) -> bool:
 
 def _concept_entry(entry) -> bool:
     return (isinstance(entry, dict) and isinstance(entry.get("concept"), str) and _pictures(entry.get("images"))
-            and ("templates" not in entry or (_strings(entry["templates"]) and len(entry["templates"]) > 0)))
+            and _strings(entry.get("templates")) and len(entry["templates"]) > 0)
 
 
-# The fields the readers (inspect, export, apply, audit, compare) use, each with what it must be where present.
+# The fields the readers (inspect, export, apply, audit, compare) use, each with what it must be; every erase writes them.
 SHAPES = {
     "base": lambda v: (isinstance(v, dict) and isinstance(v.get("family"), str) and isinstance(v.get("model"), str)
                        and isinstance(v.get("text_encoders", {}), dict)
@@ -75,10 +75,16 @@ SHAPES = {
 }
 
 
+OPTIONAL = ("effects", "steps")  # what the readers do without
+
+
 def shape_problem(record) -> str | None:
     """The first field of an erase record that is not what fewshot-erase wrote, if any: a record another tool
     rewrote carelessly, or that was made to mislead, gets one clear error instead of a crash further in."""
     if not isinstance(record, dict):
         return "it is not a JSON object"
+    missing = [field for field in SHAPES if field not in record and field not in OPTIONAL]
+    if missing:
+        return f"it has no {missing[0]!r}"
     return next((f"its {field!r} is malformed" for field, sound in SHAPES.items()
                  if field in record and not sound(record[field])), None)

@@ -12,7 +12,7 @@ from .keys import encoder_choice_ok, trained_encoders
 
 TRAIN_CHOICES = ("ffn", "ffn+last-attn", "all")
 PRESERVE_WEIGHT = 1.0  # the retain term's weight when concepts to keep are named: the demo's, measured there
-SEED_LIMIT = 2**63  # torch's generators take no larger seed (and the robust rounds add a few)
+SEED_LIMIT = 2**63  # torch's generators take -2**63 to 2**64 - 1; this leaves room for the offsets the rounds add
 
 
 def seed_problem(seed: int) -> str | None:
@@ -86,6 +86,8 @@ class EraseSettings:
              f"--max-sequence-length must be at least 1, got {self.max_sequence_length}"),
             (math.isfinite(self.preserve_weight) and self.preserve_weight >= 0,
              f"--preserve-weight must be a finite number, zero or more, got {self.preserve_weight}"),
+            (all(" ".join(text.split()) for text in self.preserve),
+             "the concept to preserve is empty; name a concept, or leave the option out"),
             (self.until in (None, "gone"), f"--until must be 'gone', got {self.until!r}"),
             (self.until_window >= 1, f"the --until window must be at least 1, got {self.until_window}"),
             (self.until_drift >= 0, f"the --until drift bound must be zero or positive, got {self.until_drift}"),

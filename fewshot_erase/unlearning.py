@@ -290,12 +290,11 @@ def checked_advantage(loop: Loop, target: Target, before: Snapshot) -> float:
     return max(of(target.templates), of(target.hardened)) if target.hardened else of(target.templates)
 
 
-def finite(trained: dict, settings: EraseSettings) -> dict:
-    """The trained weights, once checked: no loss reads the last step's update, so an --lr that blew it up shows
-    only here."""
+def check_finite(trained: dict, settings: EraseSettings) -> None:
+    """No loss reads the last step's update: an --lr that blew it up shows only in the weights (checked once the
+    run is over, when --low-memory's fp32 values are back in them)."""
     if not all(torch.isfinite(p).all() for group in trained.values() for p in group.values()):
         raise RunFailure(f"the weights became inf or nan at the last step; lower --lr (now {settings.lr}) or use --dtype float32")
-    return trained
 
 
 def run(parts, targets: list[Target], settings: EraseSettings, before: Snapshot,
@@ -361,8 +360,8 @@ def run(parts, targets: list[Target], settings: EraseSettings, before: Snapshot,
                     # the window read each caption before its step's update: read the whole pool as it is now too
                     trajectory[-1]["drift_now"] = drift_now(loop, pooled) if pooled else 0.0
                     if trajectory[-1]["drift_now"] <= settings.until_drift:
-                        return LoopResult(losses, trajectory, True, finite(trained, settings))
+                        return LoopResult(losses, trajectory, True, trained)
                 # every concept done but a kept one dragged along: pull the kept ones back without more ascent
                 repairing = not still
                 active = still or active
-        return LoopResult(losses, trajectory, False, finite(trained, settings))
+        return LoopResult(losses, trajectory, False, trained)

@@ -162,9 +162,19 @@ def settings_gone(record, tmp_path):
     record["settings"] = None
 
 
+def concepts_gone(record, tmp_path):
+    del record["concepts"]
+
+
 def without_weights(folder: Path) -> Path:
     for weights in folder.rglob("model.safetensors"):
         weights.unlink()
+    return folder
+
+
+def truncated_weights(folder: Path) -> Path:
+    for weights in folder.rglob("model.safetensors"):
+        weights.write_bytes(weights.read_bytes()[:1000])
     return folder
 
 
@@ -180,6 +190,8 @@ BAD = {
     "unknown attack": (lambda seven, tmp: [seven, "--attack", "jailbreak"], "unknown attack 'jailbreak'"),
     "model gone": (lambda seven, tmp: [copy_with_record(seven, tmp, model_gone)], "pass --model"),
     "record damaged": (lambda seven, tmp: [copy_with_record(seven, tmp, settings_gone)], "its 'settings' is malformed"),
+    "record without concepts": (lambda seven, tmp: [copy_with_record(seven, tmp, concepts_gone)], "it has no 'concepts'"),
+    "weights truncated": (lambda seven, tmp: [truncated_weights(copy_with_record(seven, tmp, lambda *_: None))], "truncated"),
     "weights gone": (lambda seven, tmp: [without_weights(copy_with_record(seven, tmp, lambda *_: None))],
                      "lacks its erased text_encoder"),
     "seed too large": (lambda seven, tmp: [seven, "--seed", str(2**70)], "--seed must be between 0 and 2**63 - 1"),

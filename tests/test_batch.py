@@ -195,6 +195,7 @@ GOOD = {"concept": "seven", "images": "pictures", "output": "out/seven"}
     ({"jobs": [{**GOOD, "export": {"format": "delta", "output": "e.safetensors", "rank": 4}}]}, [], "sets a LoRA's rank"),
     ({"jobs": [{**GOOD, "lr": float("inf")}]}, [], "--lr must be a finite positive number"),
     ({"jobs": [{**GOOD, "seed": 2**70}]}, [], "--seed must be between 0 and 2**63 - 1"),
+    ({"jobs": [{**GOOD, "preserve": [" "]}]}, [], "the concept to preserve is empty"),
     ({"jobs": [GOOD]}, ["--shard", "3/2"], "--shard 3/2 is out of range"),
     ({"jobs": [GOOD]}, ["--shard", "0/2"], "--shard 0/2 is out of range"),
     ({"jobs": [GOOD]}, ["--ray", f"127.0.0.1:{free_port()}", "--ray-timeout", "2"], "did not answer within 2 s"),
@@ -230,3 +231,12 @@ def test_consecutive_jobs_on_one_model_load_it_once(tiny_model, pictures, tmp_pa
     result = run_cli("batch", manifest)
     assert result.exit_code == 1 and len(loads) == 1  # jobs 1 and 2 erased from one load; job 3 fails before loading
     check_outputs(tiny, pictures, folder, tmp_path)
+
+
+def test_a_job_makes_the_folders_its_output_goes_in_and_a_failed_one_leaves_none(tmp_path):
+    manifest = tmp_path / "jobs.yaml"
+    manifest.write_text(yaml.safe_dump({"jobs": [{"concept": "seven", "images": "no-such-folder", "output": "new/deeper/seven"}]}))
+    result = run_cli("batch", manifest)
+    assert result.exit_code == 1 and "no-such-folder does not exist" in result.output
+    assert not (tmp_path / "new").exists()
+

@@ -155,7 +155,7 @@ def test_without_rank_the_export_takes_the_smallest_rank_within_one_percent(eras
 def test_a_rank_above_the_full_one_is_reported_as_the_rank_written(erased, tmp_path):
     _, output = erased("sd1")
     report = export(output, "lora-diffusers", tmp_path / "big.safetensors", "--rank", 1000)
-    assert report["rank_asked"] == 1000 and report["rank"] == 32  # the tiny encoder's 32-wide matrices
+    assert report["rank_asked"] == 1000 and report["rank"] == report["full_rank"] == 32  # the tiny encoder's 32-wide matrices
     with safe_open(str(tmp_path / "big.safetensors"), framework="pt") as handle:
         assert max(handle.get_tensor(key).shape[0] for key in handle.keys() if key.endswith("down.weight")) == 32
 
@@ -165,3 +165,12 @@ def test_an_exported_file_cannot_be_exported_again(erased, tmp_path):
     export(output, "delta", tmp_path / "delta.safetensors")
     result = run_cli("export", tmp_path / "delta.safetensors", "--format", "delta", "-o", tmp_path / "again.safetensors")
     assert result.exit_code == 2 and "export from the `erase` output folder" in result.stderr
+
+
+def test_a_lora_at_full_rank_that_misses_the_effect_says_export_delta_not_raise_the_rank(erased, tmp_path):
+    """kohya's keys carry no biases: at full rank the LoRA still misses their part of the erase."""
+    _, output = erased("sd1")
+    result = run_cli("export", output, "--format", "lora-kohya", "-o", tmp_path / "kohya.safetensors")
+    assert result.exit_code == 0, result.output
+    assert "misses" in result.stderr and "raise --rank" not in result.stderr and "delta" in result.stderr
+

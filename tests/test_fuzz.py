@@ -290,7 +290,9 @@ def test_pickle_reader(scratch, data):
 
 FFN = ["text_model.encoder.layers.0.mlp.fc1.weight", "text_model.encoder.layers.0.mlp.fc1.bias"]
 PATCH_TENSORS = {FFN[0]: torch.ones(8, 4), FFN[1]: torch.zeros(8)}
-ERASE_RECORD = {"format": 1, "concept": "tiny robot", "settings": {"train": "ffn"},
+PICTURE = {"name": "robot.png", "sha256": "0" * 64}
+ERASE_RECORD = {"format": 1, "concept": "tiny robot", "settings": {"train": "ffn"}, "images": [PICTURE],
+                "concepts": [{"concept": "tiny robot", "images": [PICTURE], "templates": ["a photo of a {}"]}],
                 "base": {"family": "sd1", "model": "tiny/sd1", "kind": "folder"},
                 "trained_tensors": {"text_encoder": FFN}, "base_fingerprints": {"text_encoder": {}}}
 DELTA_RECORD = {**ERASE_RECORD, "export": {"format": "delta", "dtype": "float16", "tensors": 2}}

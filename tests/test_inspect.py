@@ -125,4 +125,4 @@ def test_a_record_without_the_bases_fingerprints_is_called_damaged_not_another_b
     del record["base_fingerprints"]
     (copy / "erase.json").write_text(json.dumps(record))
     result = run_cli("apply", copy, tiny.single_file, "-o", tmp_path / "patched.safetensors")
-    assert result.exit_code == 2 and "damaged fewshot-erase record" in result.stderr, result.output
+    assert result.exit_code == 2 and "it has no 'base_fingerprints'" in result.stderr, result.output

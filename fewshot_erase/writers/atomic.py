@@ -17,12 +17,19 @@ from ..errors import BadInput, RunFailure
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
 TAKEN = (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR)  # what a rename onto an existing path says
-NAME_KEPT = 100  # of the target's name in its hidden staging names: any name the file system takes leaves room
+NAME_KEPT = 100  # bytes of the target's name in its hidden staging names: any name the file system takes leaves room
 
 
 def hidden(target: Path, kind: str) -> str:
     """The prefix of a hidden staging or trash path beside `target`."""
-    return f".{target.name[:NAME_KEPT]}.{kind}-"
+    return f".{os.fsencode(target.name)[:NAME_KEPT].decode('utf-8', 'ignore')}.{kind}-"
+
+
+def exists(target: Path) -> bool:
+    try:
+        return target.exists()
+    except OSError as error:  # a name longer than the file system takes, above all
+        raise BadInput(f"output {target} cannot be used ({error.strerror or error}); choose a shorter or another path") from None
 
 
 def check_target(target: Path, overwrite: bool, inputs: tuple[Path, ...] = ()) -> Path:
@@ -37,11 +44,7 @@ def check_target(target: Path, overwrite: bool, inputs: tuple[Path, ...] = ()) -
             raise BadInput(f"output {target} is inside the input folder {source}; write it somewhere else")
         if source.is_relative_to(resolved):
             raise BadInput(f"output {target} contains the input {source}, which replacing it would delete; write it somewhere else")
-    try:
-        exists = target.exists()
-    except OSError as error:  # a name longer than the file system takes, above all
-        raise BadInput(f"output {target} cannot be used ({error.strerror or error}); choose a shorter or another path") from None
-    if exists and not overwrite:
+    if exists(target) and not overwrite:
         raise BadInput(f"output {target} already exists; choose another path or pass --overwrite")
     parent = resolved.parent
     if not parent.is_dir():

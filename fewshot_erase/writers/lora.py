@@ -82,7 +82,8 @@ def write_lora(path, flavour: str, patch, base: dict, differences: dict, rank: i
         errors = embedding_errors(patch, base, differences, approximate, tokenizers)
         if errors["effect_error"] <= TOLERANCE:
             break
-    report = {"format": flavour, "rank": min(candidate, full_rank), "rank_asked": rank if rank else "auto", "dtype": "float16",
+    report = {"format": flavour, "rank": min(candidate, full_rank), "rank_asked": rank if rank else "auto",
+              "full_rank": full_rank, "dtype": "float16",
               "biases": "kept" if flavour == "lora-diffusers" else "left out", "layers": layers, **errors}
     metadata = {"format": "pt", METADATA_KEY: json.dumps({**record, "export": report}, sort_keys=True)}
     safetensors_file.write(path, tensors, metadata)
