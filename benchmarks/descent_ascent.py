@@ -127,6 +127,14 @@ def measured(word: str, seed: int, variant: str, prefixes: int, fixed: int, outp
     return {**report, "variant": variant, "prefix_steps": counted.get("prefix_steps", 0)}
 
 
+def saved(args, summary: dict, runs: list[dict]) -> dict:
+    """The report, written to `args.output` with the settings it was taken with; the summary printed."""
+    report = {"settings": vars(args), "summary": summary, "runs": runs}
+    Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+    return report
+
+
 def each_run(digits: str, seeds: str, measure) -> list[dict]:
     """`measure(word, seed, folder)` for every erase seed and digit, one thread, each printed as it comes."""
     import warnings
@@ -164,10 +172,7 @@ def main(argv=None) -> dict:
                          "erase_seconds_mean": sum(r["erase_seconds"] for r in rows) / len(rows),
                          "steps_mean": sum(r["steps"] for r in rows) / len(rows)}
                for variant in args.variants.split(",") if (rows := [r for r in runs if r["variant"] == variant])}
-    report = {"settings": vars(args), "summary": summary, "runs": runs}
-    Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(summary, indent=2))
-    return report
+    return saved(args, summary, runs)
 
 
 if __name__ == "__main__":

@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import time
 from pathlib import Path
 from unittest import mock
 
-from benchmarks.descent_ascent import audited_robust_erase, each_run
+from benchmarks.descent_ascent import audited_robust_erase, each_run, saved
 
 
 def matching(steps: int, per_step: int, refine: int, timings: dict):
@@ -129,10 +128,7 @@ def main(argv=None) -> dict:
         word, seed, args.steps, args.captions, args.refine, folder))
     summary = {key: sum(r[key] for r in runs) / len(runs)
                for key in ("soft_judged", "soft_recovery", "erase_seconds", "fit_seconds", "steps")}
-    report = {"settings": vars(args), "summary": summary, "runs": runs}
-    Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(summary, indent=2))
-    return report
+    return saved(args, summary, runs)
 
 
 if __name__ == "__main__":
