@@ -456,6 +456,22 @@ def output_contains_an_input_with_overwrite(ws):
 
 
 @case("cli", "api")
+def overwrite_of_a_folder_of_the_users_own(ws):
+    """--overwrite replaces an earlier output, never a folder of other files."""
+    ws.file("documents/letter.txt", b"keep me\n")
+    return Case(["tiny robot", ws.pictures()], ws.model(overwrite=True), output=ws.inputs / "documents",
+                message="is a folder of other files")
+
+
+@case("cli", "api")
+def overwrite_of_the_current_folder(ws):
+    folder = ws.inputs / "here"
+    folder.mkdir()
+    ws.monkeypatch.chdir(folder)
+    return Case(["tiny robot", ws.pictures()], ws.model(overwrite=True), output=folder, message="is the current folder")
+
+
+@case("cli", "api")
 def output_names_a_file(ws):
     return Case(["tiny robot", ws.pictures()], ws.model(), output=ws.outputs / "erased.safetensors",
                 message="names a .safetensors file, but an erase writes a folder")

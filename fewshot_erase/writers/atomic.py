@@ -46,11 +46,31 @@ def check_target(target: Path, overwrite: bool, inputs: tuple[Path, ...] = ()) -
             raise BadInput(f"output {target} contains the input {source}, which replacing it would delete; write it somewhere else")
     if exists(target) and not overwrite:
         raise BadInput(f"output {target} already exists; choose another path or pass --overwrite")
+    if overwrite and target.is_dir():
+        _check_replaceable(target, resolved)
     parent = resolved.parent
     if not parent.is_dir():
         raise BadInput(f"the folder {parent} for output {target} does not exist; create it first")
     _check_writable(parent, target)
     return target
+
+
+# What tops every folder fewshot-erase writes: an erase output, a patched pipeline, drop-in files
+OURS = ("erase.json", "model_index.json", "*.safetensors")
+
+
+def _check_replaceable(target: Path, resolved: Path) -> None:
+    """--overwrite replaces an earlier output, never a folder of the user's own or the one they stand in."""
+    if Path.cwd().resolve().is_relative_to(resolved):
+        raise BadInput(f"output {target} is the current folder or holds it; replacing it would delete it from under "
+                       "you: write to a new folder")
+    try:
+        others = any(target.iterdir()) and not any(next(target.glob(pattern), None) for pattern in OURS)
+    except OSError as error:
+        raise BadInput(f"cannot list output {target} ({error.strerror or error}); choose another path") from None
+    if others:
+        raise BadInput(f"output {target} is a folder of other files (no {', '.join(OURS)}); --overwrite replaces only "
+                       "what fewshot-erase wrote: choose another path")
 
 
 def _check_writable(folder: Path, target: Path) -> None:
@@ -109,6 +129,9 @@ def _replace(staging: Path, target: Path, overwrite: bool) -> None:
         except FileNotFoundError:
             os.rmdir(trash)
             raise RunFailure(f"output {target} was replaced by another run at the same time; nothing of this run was kept") from None
+        except BaseException:
+            os.rmdir(trash)
+            raise
         try:
             _rename_new(staging, target)
         except BaseException:
