@@ -437,6 +437,26 @@ def output_exists_with_overwrite_is_replaced(ws):
 
 
 @case("cli", "api")
+def output_cannot_be_moved_aside_to_be_replaced(ws):
+    """The old output stays as it was, and the hidden folder it was to be moved into goes."""
+    existing_output(ws)
+    moved = os.replace
+
+    def busy(source, destination):
+        if Path(source) == ws.output:
+            raise OSError(errno.EBUSY, "Device or resource busy")
+        return moved(source, destination)
+    ws.monkeypatch.setattr(os, "replace", busy)
+    return Case(["tiny robot", ws.pictures()], ws.model(overwrite=True, **FAST), exit_code=1, message="resource busy",
+                after=lambda: _still_the_earlier_output(ws.output))
+
+
+def _still_the_earlier_output(output: Path) -> None:
+    assert (output / "erase.json").read_text() == '{"from": "an earlier run"}\n'
+    assert sorted(p.name for p in output.parent.iterdir()) == [output.name]
+
+
+@case("cli", "api")
 def output_inside_an_input_folder(ws):
     folder = ws.pictures()
     return Case(["tiny robot", folder], ws.model(), output=folder / "erased", message="inside the input folder")
