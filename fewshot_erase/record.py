@@ -61,9 +61,9 @@ def _concept_entry(entry) -> bool:
 
 # The fields the readers (inspect, export, apply, audit, compare) use, each with what it must be; every erase writes them.
 SHAPES = {
-    "base": lambda v: (isinstance(v, dict) and isinstance(v.get("family"), str) and isinstance(v.get("model"), str)
-                       and isinstance(v.get("text_encoders", {}), dict)
-                       and all(isinstance(e, dict) and isinstance(e.get("sha256"), str) for e in v.get("text_encoders", {}).values())),
+    "base": lambda v: (isinstance(v, dict) and all(isinstance(v.get(key), str) for key in ("family", "model", "kind"))
+                       and isinstance(v.get("text_encoders"), dict)
+                       and all(isinstance(e, dict) and isinstance(e.get("sha256"), str) for e in v["text_encoders"].values())),
     "concept": lambda v: isinstance(v, str),
     "concepts": lambda v: isinstance(v, list) and len(v) > 0 and all(_concept_entry(entry) for entry in v),
     "images": _pictures,

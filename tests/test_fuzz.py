@@ -293,7 +293,8 @@ PATCH_TENSORS = {FFN[0]: torch.ones(8, 4), FFN[1]: torch.zeros(8)}
 PICTURE = {"name": "robot.png", "sha256": "0" * 64}
 ERASE_RECORD = {"format": 1, "concept": "tiny robot", "settings": {"train": "ffn"}, "images": [PICTURE],
                 "concepts": [{"concept": "tiny robot", "images": [PICTURE], "templates": ["a photo of a {}"]}],
-                "base": {"family": "sd1", "model": "tiny/sd1", "kind": "folder"},
+                "base": {"family": "sd1", "model": "tiny/sd1", "kind": "folder",
+                         "text_encoders": {"text_encoder": {"sha256": "0" * 64}}},
                 "trained_tensors": {"text_encoder": FFN}, "base_fingerprints": {"text_encoder": {}}}
 DELTA_RECORD = {**ERASE_RECORD, "export": {"format": "delta", "dtype": "float16", "tensors": 2}}
 
