@@ -59,9 +59,11 @@ def export(output, fmt: str, target, *, rank: int | None = None, model: str | No
     if report.get("effect_error", 0.0) > lora.TOLERANCE:
         missed = f"the LoRA misses {report['effect_error']:.1%} of the erase's effect on the erased prompts' embeddings"
         full = report["rank"] >= report["full_rank"]  # no higher rank to raise to
-        more = "" if full else ", or raise --rank"
-        fix = (f" (kohya's keys cannot carry the bias changes); export lora-diffusers or delta to keep them{more}"
-               if report["biases"] == "left out" else ("; raise --rank" if not full else "; export delta to keep it all"))
+        if report["biases"] == "left out":
+            fix = (" (kohya's keys cannot carry the bias changes); export lora-diffusers or delta to keep them"
+                   + ("" if full else ", or raise --rank"))
+        else:
+            fix = "; export delta to keep it all" if full else "; raise --rank"
         warnings.warn(missed + fix, EraseWarning, stacklevel=2)
     return ExportResult(target, report)
 

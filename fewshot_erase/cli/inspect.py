@@ -43,14 +43,14 @@ def _lines(report: dict):
         yield "  no erase record"
     for record in report["records"]:
         base = record["base"]
-        settings = record.get("settings", {})
-        yield (f"  erased {record.get('concept')!r} with {len(record.get('images', []))} images from {base['model']} "
-               f"(lr {settings.get('lr')}, {record.get('steps')} steps, train {settings.get('train')})")
+        settings = record["settings"]
+        yield (f"  erased {record['concept']!r} with {len(record['images'])} images from {base['model']} "
+               f"(lr {settings['lr']}, {record.get('steps')} steps, train {settings['train']})")
         for line in effect_lines(record["effects"]) if "effects" in record else ():
             yield "  " + line
-        for encoder, identity in base.get("text_encoders", {}).items():
+        for encoder, identity in base["text_encoders"].items():
             yield f"    base {encoder} sha256 {identity['sha256']}"
-        for image in record.get("images", []):
+        for image in record["images"]:
             yield f"    image {image['name']} sha256 {image['sha256']}"
         if "export" in record:
             yield (f"    exported as {record['export']['format']}" + (f", rank {record['export']['rank']}" if "rank" in record["export"] else ""))
