@@ -298,7 +298,7 @@ def _erase_between_snapshots(parts, targets, watched, run_settings, progress, ti
     with progress.phase("measuring the effect"):
         after = effects.snapshot(parts, targets, watched, run_settings, before.empty, before.blank)
         effect = effects.report(before, after, targets, result.trajectory)
-    if not all(math.isfinite(a) for e in effect["erased"].values() for a in e["advantage_after"]):
+    if not all(math.isfinite(e["advantage_after"]) for e in effect["erased"].values()):
         # weights that stayed finite can still overflow in the forward: the report's reading shows it
         raise RunFailure(f"the erased encoder's conditioning became inf or nan; lower --lr (now {run_settings.lr}) "
                          "or use --dtype float32")

@@ -1,9 +1,8 @@
 """What an erase did, measured inside the run (no classifier, no generation), so every erase.json carries it:
 
 - for each erased concept, how much its captions still help the UNet denoise its own pictures compared with the
-  empty caption (the "advantage", on each of two sets of check rows); above 0 the text still carries the concept;
-  "gone" once on both the captions push away from the pictures as strongly as they used to pull toward them
-  (stopping.gone);
+  empty caption (the "advantage"); above 0 the text still carries the concept; "gone" once the captions push
+  away from the pictures as strongly as they used to pull toward them (stopping.gone);
 - for each concept that should survive (the preserve set, or the automatic one when preservation is off), how far
   the encoder's conditioning for it moved, relative to its size: the interference.
 
@@ -26,16 +25,16 @@ KEPT_TEMPLATES = 4  # captions per kept concept: enough to see drift, cheap (an 
 
 @dataclass
 class Snapshot:
-    advantage: dict[str, tuple[float, ...]]  # erased concept -> empty-caption loss minus concept-caption loss, per set of rows
+    advantage: dict[str, float]  # erased concept -> empty-caption loss minus concept-caption loss
     kept: dict[str, list[torch.Tensor]]  # kept concept -> its conditioning tensors
     empty: list[torch.Tensor]  # the ORIGINAL encoder's empty-caption conditioning, one row: the reference both times
-    blank: dict[str, tuple[float, ...]]  # per concept, the empty caption's losses on the fixed noise: the same before and after
+    blank: dict[str, float]  # per concept, the empty caption's loss on the fixed noise: the same before and after
     originals: dict[str, list[torch.Tensor]]  # kept caption -> its conditioning (before: the retain term's too)
 
 
 @torch.no_grad()
 def snapshot(parts, targets, kept: tuple[str, ...], settings, empty: list[torch.Tensor] | None = None,
-             blank: dict[str, tuple[float, ...]] | None = None) -> Snapshot:
+             blank: dict[str, float] | None = None) -> Snapshot:
     """The measures on the encoder as it is now; after training, pass the first snapshot's `empty` and `blank` so
     both are taken against the same original reference."""
     pipeline, family, dtype = parts.pipeline, parts.family, parts.dtype
@@ -58,8 +57,7 @@ def drift(before: list[torch.Tensor], after: list[torch.Tensor]) -> float:
     return sum(float((b.float() - a.float()).pow(2).sum() / b.float().pow(2).sum()) for b, a in zip(before, after))
 
 
-def verdict(before: tuple[float, ...], after: tuple[float, ...], blank: tuple[float, ...], checks: list[tuple[float, ...]],
-            anchor: str | None) -> str:
+def verdict(before: float, after: float, blank: float, checks: list[float], anchor: str | None) -> str:
     """One rule for the report and the stop: the stopping rule's `finished`, over the run's checks and the reading
     after it. "steered" for an anchored concept, which that rule does not judge."""
     if anchor is not None:
@@ -79,9 +77,8 @@ def report(before: Snapshot, after: Snapshot, targets, trajectory: list[dict]) -
         if ended_on_check and concept in trajectory[-1]["advantage"]:
             checks = checks[:-1]
         said = verdict(before.advantage[concept], after.advantage[concept], before.blank[concept], checks, target.anchor)
-        erased[concept] = {"advantage_before": list(before.advantage[concept]),
-                           "advantage_after": list(after.advantage[concept]),
-                           "empty_caption_loss": list(before.blank[concept]), "verdict": said,
+        erased[concept] = {"advantage_before": before.advantage[concept], "advantage_after": after.advantage[concept],
+                           "empty_caption_loss": before.blank[concept], "verdict": said,
                            "gone": None if said == "steered" else said == "erased"}
     drifts = {name: drift(before.kept[name], after.kept[name]) for name in before.kept}
     kept = dict(sorted(drifts.items(), key=lambda item: (-item[1], item[0])))

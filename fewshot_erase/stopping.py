@@ -1,11 +1,10 @@
 """`--until gone`: when an erased concept is taken as done, measured inside the run without a classifier.
 
 The measure is the concept's *advantage*: how much better its captions let the frozen UNet denoise its own pictures
-than the original encoder's empty caption does, on fixed noise and timesteps, read on two independent sets of them.
-A concept is done once, on each set, its captions push the denoising away from its pictures as strongly as they
-pulled before, and by a margin (`gone`); the run stops once every concept is done and no kept caption has drifted
-past the bound (`drift_ok`). How each constant was chosen, and how often the rule agreed with the demo's judge:
-docs/stopping-rule.md.
+than the original encoder's empty caption does, on fixed noise and timesteps. A concept is done once its captions
+push the denoising away from its pictures as strongly as they pulled before, and by a margin (`gone`); the run stops
+once every concept is done and no kept caption has drifted past the bound (`drift_ok`). How each constant was chosen, and how
+often the rule agreed with the demo's judge: docs/stopping-rule.md.
 """
 
 from __future__ import annotations
@@ -15,10 +14,7 @@ import torch
 from .conditioning import as_cond, conditioning, denoiser_of, select_rows
 from .denoising import noised, prediction_error
 
-# Fixed: every check of a run, and the report before and after, see the same noise. Two sets, each a test of its
-# own: with one, a run stopped at the first check whose noisy reading crossed, and on some sets of rows a concept's
-# captions never helped even before (zero+six+nine's nine, drawn 80% when called gone: docs/stopping-rule.md).
-ADVANTAGE_SEEDS = (4021, 4022)
+ADVANTAGE_SEED = 4021  # fixed: every check of a run, and the report before and after, see the same noise
 ADVANTAGE_REPEATS = 2  # each picture at two timesteps: six pictures alone make a noisy estimate
 NO_GRAD_ROWS = 6  # x the run's batch size per UNet call (not with --low-memory): a forward without gradients holds far less
 
@@ -27,23 +23,13 @@ NO_GRAD_ROWS = 6  # x the run's batch size per UNet call (not with --low-memory)
 GONE_MARGIN = 0.1
 
 
-def advantage(parts, target, scheduler, empty: list[torch.Tensor], settings, blank: dict) -> tuple[float, ...]:
-    """The empty caption's loss minus the concept's captions' loss on the concept's pictures, on each set of check
-    rows; above 0 the text still helps draw the concept. `blank` caches the empty caption's losses per concept:
-    frozen UNet, frozen conditioning and fixed noise make them the same at every check of a run, so only the first
-    check pays for them."""
-    known = blank.get(target.concept, (None,) * len(ADVANTAGE_SEEDS))
-    readings = [_advantage(parts, target, scheduler, empty, settings, seed, empty_loss)
-                for seed, empty_loss in zip(ADVANTAGE_SEEDS, known)]
-    blank[target.concept] = tuple(empty_loss for _, empty_loss in readings)
-    return tuple(reading for reading, _ in readings)
-
-
 @torch.no_grad()
-def _advantage(parts, target, scheduler, empty, settings, seed: int, empty_loss: float | None) -> tuple[float, float]:
-    """One set's advantage and the empty caption's loss there (measured when `empty_loss` is None)."""
+def advantage(parts, target, scheduler, empty: list[torch.Tensor], settings, blank: dict[str, float]) -> float:
+    """The empty caption's loss minus the concept's captions' loss on the concept's pictures; above 0 the text still
+    helps draw the concept. `blank` caches the empty caption's loss per concept: frozen UNet, frozen conditioning
+    and fixed noise make it the same at every check of a run, so only the first check pays for it."""
     pipeline, family, unet = parts.pipeline, parts.family, denoiser_of(parts.pipeline)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(ADVANTAGE_SEED)
     pictures = target.latents[: target.image_count]
     latents = pictures.repeat(ADVANTAGE_REPEATS, *[1] * (pictures.ndim - 1))
     noisy, timesteps, goal = noised(latents, scheduler, generator)
@@ -53,6 +39,7 @@ def _advantage(parts, target, scheduler, empty, settings, seed: int, empty_loss:
     encoded = conditioning(pipeline, family, unique, settings.resolution, parts.dtype,
                            sequence_length=settings.max_sequence_length)
     index = torch.tensor([unique.index(caption) for caption in captions])
+    known = target.concept in blank
     with_text = without_text = 0.0
     chunk = settings.batch_size * (1 if settings.low_memory else NO_GRAD_ROWS)
     for start in range(0, len(latents), chunk):
@@ -60,29 +47,30 @@ def _advantage(parts, target, scheduler, empty, settings, seed: int, empty_loss:
         count = len(captions[rows])
         cond = select_rows(encoded, index[rows])
         with_text += prediction_error(unet, noisy[rows], timesteps[rows], goal[rows], cond, "sum").item()
-        if empty_loss is None:
+        if not known:
             empty_cond = as_cond([t.expand(count, *t.shape[1:]) for t in empty], cond)
             without_text += prediction_error(unet, noisy[rows], timesteps[rows], goal[rows], empty_cond, "sum").item()
-    empty_loss = without_text / goal.numel() if empty_loss is None else empty_loss
-    return empty_loss - with_text / goal.numel(), empty_loss
+    if not known:
+        blank[target.concept] = without_text / goal.numel()
+    return blank[target.concept] - with_text / goal.numel()
 
 
-def gone(before: tuple[float, ...], after: tuple[float, ...], blank: tuple[float, ...]) -> bool:
-    """Gone when, on every set of check rows, the concept's captions now steer the denoising of its pictures away
-    from them at least as strongly as they steered it toward them before, and by a margin (GONE_MARGIN of `blank`,
-    the empty caption's loss) that the noise of the estimate does not reach. A proxy for a judge, not a judge."""
-    return all(a <= -max(b, 0.0) - GONE_MARGIN * e for b, a, e in zip(before, after, blank, strict=True))
+def gone(before: float, after: float, blank: float) -> bool:
+    """Gone when the concept's captions now steer the denoising of its pictures away from them at least as strongly
+    as they steered it toward them before, and by a margin (GONE_MARGIN of `blank`, the empty caption's loss) that
+    the noise of the estimate does not reach. A proxy for a judge, not a judge."""
+    return after <= -max(before, 0.0) - GONE_MARGIN * blank
 
 
-def finished(before: tuple[float, ...], readings: list[tuple[float, ...]], blank: tuple[float, ...]) -> bool:
+def finished(before: float, readings: list[float], blank: float) -> bool:
     """Gone at the last check. (A stall clause, pushed away by a smaller margin at two checks in a row, called "nine"
     done while drawn once the demo's mirrored copies went: docs/stopping-rule.md.)"""
     return gone(before, readings[-1], blank)
 
 
-def readings(trajectory: list[dict], concept: str) -> list[tuple[float, ...]]:
-    """The concept's advantages (one per set of rows) at every check so far, as the trajectory recorded them."""
-    return [tuple(e["advantage"][concept]) for e in trajectory if concept in e.get("advantage", {})]
+def readings(trajectory: list[dict], concept: str) -> list[float]:
+    """The concept's advantage at every check so far, as the trajectory recorded it."""
+    return [e["advantage"][concept] for e in trajectory if concept in e.get("advantage", {})]
 
 
 def drift_ok(trajectory: list[dict], window: int, bound: float) -> bool:

@@ -280,14 +280,14 @@ def drift_now(loop: Loop, captions: list[str]) -> float:
                for chunk in (captions[i:i + FROZEN_CHUNK] for i in range(0, len(captions), FROZEN_CHUNK)))
 
 
-def checked_advantage(loop: Loop, target: Target, before: Snapshot) -> tuple[float, ...]:
-    """The concept's advantages at a check (stopping.py); with --robust's learned prefixes, on each set of rows the
-    worse of its own captions' and theirs: erasing the prefixed captions alone let the plain ones come back."""
-    def of(templates: tuple[str, ...]) -> tuple[float, ...]:
+def checked_advantage(loop: Loop, target: Target, before: Snapshot) -> float:
+    """The concept's advantage at a check (stopping.py); with --robust's learned prefixes, the worse of its own
+    captions' and theirs: erasing the prefixed captions alone let the plain ones come back."""
+    def of(templates: tuple[str, ...]) -> float:
         probe = replace(target, templates=templates, hardened=())
         return stopping.advantage(loop.parts, probe, loop.scheduler, before.empty, loop.settings, before.blank)
 
-    return tuple(map(max, of(target.templates), of(target.hardened))) if target.hardened else of(target.templates)
+    return max(of(target.templates), of(target.hardened)) if target.hardened else of(target.templates)
 
 
 def check_finite(trained: dict, settings: EraseSettings) -> None:

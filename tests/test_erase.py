@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from fewshot_erase.keys import is_trained
 from fewshot_erase.prompts import OBJECT_TEMPLATES
-from fewshot_erase.stopping import ADVANTAGE_SEEDS, GONE_MARGIN
+from fewshot_erase.stopping import GONE_MARGIN
 from helpers import erased_tensors, load_encoders, mean_denoising_loss, run_cli, run_cli_process, with_encoders
 from tiny_pipelines import canonical_text_encoder_state_dict
 
@@ -96,9 +96,8 @@ def test_erase_json_records_the_whole_run(erased_twice, family, form):
     assert len(record["losses"]) == record["steps"] == 8
     assert {"images", "load", "encode", "train", "report", "save", "total"} <= set(record["timings"])
     effect = record["effects"]["erased"]["tiny robot"]
-    assert len(effect["advantage_before"]) == len(effect["advantage_after"]) == len(ADVANTAGE_SEEDS)
-    assert effect["gone"] == all(after <= -max(before, 0) - GONE_MARGIN * empty for before, after, empty
-                                 in zip(effect["advantage_before"], effect["advantage_after"], effect["empty_caption_loss"]))
+    assert effect["gone"] == (effect["advantage_after"]
+                              <= -max(effect["advantage_before"], 0) - GONE_MARGIN * effect["empty_caption_loss"])
     assert record["effects"]["kept_drift"] and all(value >= 0 for value in record["effects"]["kept_drift"].values())
     assert {"torch", "diffusers", "transformers", "fewshot_erase"} <= set(record["versions"])
 

@@ -120,13 +120,11 @@ UNSEEN = ("; its captions did not help draw its pictures even before, so this ch
 
 
 def effect_line(concept: str, effect: dict) -> str:
-    """One erased concept: the verdict and the caption advantages it rests on, a set of check rows each (records
-    written before there were two sets carry one number)."""
+    """One erased concept: the verdict and the caption advantage it rests on."""
     said = verdict(effect)
-    before, after = (v if isinstance(v, list) else [v] for v in (effect["advantage_before"], effect["advantage_after"]))
-    unseen = UNSEEN if said == "erased" and max(before) <= 0 else ""
-    readings = ", ".join(f"{b:+.4f} -> {a:+.4f}" for b, a in zip(before, after))
-    return f"  {concept}: {VERDICTS[said]} (caption advantage {readings}){unseen}"
+    unseen = UNSEEN if said == "erased" and effect["advantage_before"] <= 0 else ""
+    return (f"  {concept}: {VERDICTS[said]} (caption advantage {effect['advantage_before']:+.4f} -> "
+            f"{effect['advantage_after']:+.4f}){unseen}")
 
 
 def effect_lines(effects: dict) -> list[str]:
