@@ -45,26 +45,14 @@ def descent_ascent(prefixes: int, fixed: int | None, counted: dict):
         result = unlearning.run(parts, targets, settings, before, on_step, hold_empty=True)
         trajectory, losses = list(result.trajectory), list(result.losses)
         scheduler = training_scheduler(parts.pipeline)
-        groups, taken = [], ()
+
+        def started(setup, k):
+            start = torch.Generator().manual_seed(settings.seed + 1 + k)
+            return {name: attacks.near_mean(table[setup.words], attacks.SOFT_TOKENS, start).requires_grad_(True)
+                    for name, table in setup.tables.items()}
+
         with contextlib.ExitStack() as learned:
-            for i, target in enumerate(targets):
-                if target.anchor:
-                    continue
-                setup = attacks.Setup(parts.pipeline, parts.family, settings.resolution or parts.resolution,
-                                      parts.dtype, target.concept, target.templates,
-                                      target.latents[:target.image_count], scheduler, settings.seed, (),
-                                      settings.max_sequence_length)
-                for k in range(prefixes):
-                    placeholders, text = attacks.placeholder_tokens(dataclasses.replace(setup, reserved=taken),
-                                                                    attacks.SOFT_TOKENS)
-                    taken += placeholders
-                    start = torch.Generator().manual_seed(settings.seed + 1 + k)
-                    vectors = {name: attacks.near_mean(table[setup.words], attacks.SOFT_TOKENS, start).requires_grad_(True)
-                               for name, table in setup.tables.items()}
-                    learned.enter_context(attacks.learned_tokens(parts.pipeline, parts.family, placeholders, vectors))
-                    groups.append((setup, setup.captions(setup.concept, text), vectors))
-                    targets[i] = dataclasses.replace(targets[i], hardened=targets[i].hardened + tuple(
-                        f"{text} {template}" for template in target.templates))
+            targets, groups = with_prefixes(parts, targets, settings, prefixes, learned, started)
             learnable = [v for _, _, vectors in groups for v in vectors.values()]
             # each encoder's vectors at its own step size, as attacks.fit_embeddings sets them
             optimizer = torch.optim.Adam([{"params": [vector], "lr": attacks.step_size(setup.tables[name])}
@@ -96,6 +84,33 @@ def descent_ascent(prefixes: int, fixed: int | None, counted: dict):
         return unlearning.LoopResult(losses, trajectory, result.stopped_early, result.trained, [])
 
     return run
+
+
+def with_prefixes(parts, targets, settings, prefixes: int, learned: contextlib.ExitStack, vectors_for):
+    """Each concept's captions (anchored ones aside) behind `prefixes` prefixes of placeholder words, whose embeddings
+    are `vectors_for(setup, k)` while `learned` is open: the targets with those captions among the erased ones, and per
+    prefix (its setup, its captions, its vectors)."""
+    from fewshot_erase import attacks
+    from fewshot_erase.denoising import training_scheduler
+
+    scheduler = training_scheduler(parts.pipeline)
+    targets, groups, taken = list(targets), [], ()
+    for i, target in enumerate(targets):
+        if target.anchor:
+            continue
+        setup = attacks.Setup(parts.pipeline, parts.family, settings.resolution or parts.resolution, parts.dtype,
+                              target.concept, target.templates, target.latents[:target.image_count], scheduler,
+                              settings.seed, (), settings.max_sequence_length)
+        for k in range(prefixes):
+            placeholders, text = attacks.placeholder_tokens(dataclasses.replace(setup, reserved=taken),
+                                                            attacks.SOFT_TOKENS)
+            taken += placeholders
+            vectors = vectors_for(setup, k)
+            learned.enter_context(attacks.learned_tokens(parts.pipeline, parts.family, placeholders, vectors))
+            groups.append((setup, setup.captions(setup.concept, text), vectors))
+            targets[i] = dataclasses.replace(targets[i], hardened=targets[i].hardened + tuple(
+                f"{text} {template}" for template in target.templates))
+    return targets, groups
 
 
 def audited_robust_erase(word: str, seed: int, output: Path, patched=contextlib.nullcontext()) -> tuple[dict, object]:

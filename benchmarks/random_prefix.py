@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 from pathlib import Path
 from unittest import mock
 
-from benchmarks.descent_ascent import audited_robust_erase, each_run, saved
+from benchmarks.descent_ascent import audited_robust_erase, each_run, saved, with_prefixes
 
 
 def random_prefixes(prefixes: int, spread: float):
@@ -26,33 +25,20 @@ def random_prefixes(prefixes: int, spread: float):
     import torch
 
     from fewshot_erase import attacks, unlearning
-    from fewshot_erase.denoising import training_scheduler
 
     def run(parts, targets, settings, before, on_step=lambda step, loss: None):
         targets = list(targets)
         result = unlearning.run(parts, targets, settings, before, on_step, hold_empty=True)
         trajectory, losses = list(result.trajectory), list(result.losses)
-        scheduler = training_scheduler(parts.pipeline)
-        drawn, taken = [], ()
         generator = torch.Generator().manual_seed(settings.seed + 1)
+
+        def zeros(setup, k):  # redrawn before every step
+            return {name: torch.zeros(attacks.SOFT_TOKENS, table.shape[1], dtype=table.dtype)
+                    for name, table in setup.tables.items()}
+
         with contextlib.ExitStack() as learned:
-            for i, target in enumerate(targets):
-                if target.anchor:
-                    continue
-                setup = attacks.Setup(parts.pipeline, parts.family, settings.resolution or parts.resolution,
-                                      parts.dtype, target.concept, target.templates,
-                                      target.latents[:target.image_count], scheduler, settings.seed, (),
-                                      settings.max_sequence_length)
-                for _ in range(prefixes):
-                    placeholders, text = attacks.placeholder_tokens(dataclasses.replace(setup, reserved=taken),
-                                                                    attacks.SOFT_TOKENS)
-                    taken += placeholders
-                    vectors = {name: torch.zeros(attacks.SOFT_TOKENS, table.shape[1], dtype=table.dtype)
-                               for name, table in setup.tables.items()}
-                    learned.enter_context(attacks.learned_tokens(parts.pipeline, parts.family, placeholders, vectors))
-                    drawn.append((setup, vectors))
-                    targets[i] = dataclasses.replace(targets[i], hardened=targets[i].hardened + tuple(
-                        f"{text} {template}" for template in target.templates))
+            targets, groups = with_prefixes(parts, targets, settings, prefixes, learned, zeros)
+            drawn = [(setup, vectors) for setup, _, vectors in groups]
 
             @torch.no_grad()
             def redraw():
