@@ -3,6 +3,7 @@ tool's exceptions become exit codes."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -94,6 +95,7 @@ def exit_interrupted() -> None:
     stderr.print("[red]interrupted:[/] stopped; nothing was written", soft_wrap=True)
     sys.stdout.flush()
     sys.stderr.flush()
+    atexit._run_exitfuncs()  # what libraries left for the exit: torch 2.6 removes a temporary folder of its own there
     os._exit(INTERRUPTED)
 
 
