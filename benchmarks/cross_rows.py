@@ -24,7 +24,7 @@ from pathlib import Path
 from unittest import mock
 
 from demo.data import DIGIT_WORDS
-from demo.measure import SAMPLES
+from demo.measure import JUDGED_SEEDS, SAMPLES
 
 TRIPLES = "/".join(",".join(map(str, group)) for group in itertools.combinations(range(10), 3))
 
@@ -50,7 +50,7 @@ def crossing(pictures: int):
         for other in others:
             for _ in range(pictures):
                 index = torch.randint(other.image_count, (1,), generator=loop.generator).item()
-                extra.append(sum(len(part) for part in latents))
+                extra.append(len(target.latents) + len(extra))  # where this picture lands in the joined latents
                 latents.append(other.latents[index:index + 1])
         crossed = dataclasses.replace(target, latents=torch.cat(latents))
         more = [templates[k % len(templates)] for k in range(len(extra))]
@@ -84,7 +84,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(1)
     warnings.simplefilter("ignore", EraseWarning)
     parts, generation = load_base()
-    seeds = list(range(3000, 3020))
+    seeds = JUDGED_SEEDS
     base = accuracy_table(parts.pipeline, seeds, generation, kinds=("word",))
     runs = []
     with tempfile.TemporaryDirectory() as workdir, crossing(args.pictures):

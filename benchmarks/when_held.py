@@ -16,9 +16,8 @@ import json
 import tempfile
 from pathlib import Path
 
-from demo.measure import SAMPLES
+from demo.measure import JUDGED_SEEDS, SAMPLES
 
-SEEDS = list(range(3000, 3020))
 
 
 def main(argv=None) -> dict:
@@ -58,7 +57,7 @@ def main(argv=None) -> dict:
             parts, generation = load_base()
 
             def drawn(pipe) -> dict:
-                return {DIGIT_WORDS[d]: judged(pipe, prompt_for("word", d), d, SEEDS, generation) for d in digits}
+                return {DIGIT_WORDS[d]: judged(pipe, prompt_for("word", d), d, JUDGED_SEEDS, generation) for d in digits}
 
             at_end = drawn(erased_pipeline(parts, Path(workdir) / "out"))
     finally:

@@ -12,6 +12,7 @@ SAMPLES = REPO / "sample_images"
 FLUX_DEMO = REPO / "fewshot_erase" / "demo_flux"  # the FLUX-layout digits model (FLUX.md)
 
 PROMPTS = {"word": "a photo of the digit {w}", "numeral": "a photo of the digit {n}", "heldout": "the numeral {w}"}
+JUDGED_SEEDS = list(range(3000, 3020))  # the several-concept benchmarks' 20 judged images a prompt
 IMPLICIT = ("spanish", "roman", "description")  # the demo's implicit forms (data.IMPLICIT_FORMS): no erase names them
 
 
