@@ -143,7 +143,7 @@ def erase_concepts(
         resolve_device(run_settings.device)  # a GPU asked for and absent fails now, not after the model has loaded
     image_paths = [image_io.find_image_files(spec.images) for spec in specs]
     inputs = tuple(Path(p) for spec in specs for p in spec.images) + ((source.path,) if source.path else ())
-    target = check_target(Path(output), overwrite, inputs=inputs)
+    target = check_target(Path(output), overwrite, inputs=inputs, writes="folder")
     with progress.phase("reading images", total=sum(map(len, image_paths))) as advance:
         loaded = []
         for paths in image_paths:

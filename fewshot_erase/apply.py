@@ -47,7 +47,11 @@ def apply(patch, checkpoint, output, *, force: bool = False, overwrite: bool = F
         raise BadInput(f"{checkpoint} is a pickle checkpoint, which can run code when loaded; convert it to .safetensors or pass --allow-pickle")
     if checkpoint.is_file() and Path(output).suffix.lower() != ".safetensors":
         raise BadInput(f"output {output} must end in .safetensors: the patched checkpoint is written as safetensors")
-    target = check_target(Path(output), overwrite, inputs=(checkpoint, Path(patch)))
+    if checkpoint.is_dir() and Path(output).suffix.lower() in (".safetensors",) + PICKLE_SUFFIXES:
+        raise BadInput(f"output {output} names a {Path(output).suffix} file, but a pipeline folder is patched into a "
+                       "folder; name a folder (apply to a single-file checkpoint to write one file)")
+    target = check_target(Path(output), overwrite, inputs=(checkpoint, Path(patch)),
+                          writes="file" if checkpoint.is_file() else "folder")
     loaded = read_patch(patch)
     with tempfile.TemporaryDirectory(prefix="fewshot-erase-") as workdir:
         source = pickle_to_safetensors(checkpoint, Path(workdir)) if pickled else checkpoint

@@ -13,6 +13,8 @@ from .writers.atomic import check_target, staged_file
 
 SD_GUIDANCE, SD_STEPS = 7.5, 30
 KEPT_SHOWN = 2  # without --prompt: the erased concepts, then the kept ones the erase moved most
+MAX_IMAGES = 64  # a row a prompt: wider than this is no longer a grid to look at
+BATCH = 8  # images generated at once: --images sets the grid's width, not the memory a call takes
 LABEL_SIZE = 16
 
 
@@ -39,15 +41,18 @@ def generate(pipe, prompt: str, seeds: list[int], settings: GenerationSettings, 
     generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
     extra = ({"height": settings.size, "width": settings.size} if settings.size else {}) | (
         {"max_sequence_length": settings.sequence_length} if settings.sequence_length else {})
-    return pipe(prompt=[prompt] * len(seeds), generator=generators, guidance_scale=settings.guidance_scale,
-                num_inference_steps=settings.steps, output_type="pil", **extra).images
+    return [image for start in range(0, len(seeds), BATCH)
+            for image in pipe(prompt=[prompt] * len(generators[start:start + BATCH]),
+                              generator=generators[start:start + BATCH], guidance_scale=settings.guidance_scale,
+                              num_inference_steps=settings.steps, output_type="pil", **extra).images]
 
 
 def default_prompts(record: dict) -> list[str]:
     """Each erased concept in its first caption template, then the kept concepts the erase moved most, in the same."""
     prompts = [concept["templates"][0].replace("{}", concept["concept"]) for concept in record["concepts"]]
     template = record["concepts"][0]["templates"][0]
-    moved = list(record.get("effects", {}).get("kept_drift", {}))[:KEPT_SHOWN]
+    drift = record.get("effects", {}).get("kept_drift", {})  # stored by name: order it by how far each moved
+    moved = sorted(drift, key=lambda kept: -drift[kept])[:KEPT_SHOWN]
     return prompts + [template.replace("{}", kept) for kept in moved]
 
 
@@ -77,8 +82,10 @@ def compare(output: str | Path, prompts: list[str] | None, grid_path: str | Path
     from .api import Progress
 
     progress = progress or Progress()
-    if images < 1:
-        raise BadInput(f"--images must be at least 1, got {images}")
+    if not 1 <= images <= MAX_IMAGES:
+        raise BadInput(f"--images must be 1 to {MAX_IMAGES} (images a prompt, one row each), got {images}")
+    if Path(grid_path).suffix.lower() != ".png":
+        raise BadInput(f"output {grid_path} must end in .png: the grid is written as a PNG")
     if steps is not None and steps < 1:
         raise BadInput(f"--steps must be at least 1, got {steps}")
     if guidance_scale is not None and not (math.isfinite(guidance_scale) and guidance_scale >= 0):

@@ -86,7 +86,7 @@ def _export_drop_in(output: Path, target: Path, overwrite: bool) -> ExportResult
 
     if target.suffix.lower() == ".safetensors":
         raise BadInput(f"--format drop-in writes a folder of files (clip_l.safetensors, ...), but {target} names one file; name a folder")
-    target = check_target(target, overwrite, inputs=(output,))
+    target = check_target(target, overwrite, inputs=(output,), writes="folder")
     patch = read_patch(output)
     if patch.kind != ERASE_OUTPUT:
         raise BadInput(f"{output} is an exported patch; drop-in files are written from the `erase` output folder")

@@ -234,3 +234,11 @@ def test_outputs_get_the_modes_any_new_file_gets_under_the_users_umask(erased, t
     expected = 0o777 & ~previous
     assert stat.S_IMODE(output.stat().st_mode) == expected
     assert stat.S_IMODE((output / "model.safetensors").stat().st_mode) == expected & 0o666
+
+
+def test_a_pipeline_folder_patched_into_a_name_ending_in_safetensors_is_refused(erased, tmp_path):
+    """A folder's patch is a folder: a name that promises one file would get a folder of that name."""
+    tiny, output = erased("sd1")
+    result = run_cli("apply", output, tiny.folder, "-o", tmp_path / "patched.safetensors")
+    assert result.exit_code == 2 and "a pipeline folder is patched into a folder; name a folder" in result.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -940,3 +940,36 @@ def test_compare_refuses_generation_settings_out_of_range_before_loading(erased,
     result = run_cli("compare", output, "-o", tmp_path / "grid.png", *options)
     assert result.exit_code == 2 and message in result.stderr, result.output
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "grid.png").exists()
+
+
+def test_compare_refuses_a_grid_not_named_png_and_a_row_too_wide(erased, tmp_path):
+    _, output = erased("sd1")
+    for grid, options, message in [("grid.jpg", [], "must end in .png"), ("grid.png", ["--images", "0"], "--images must be 1 to 64"),
+                                   ("grid.png", ["--images", "100000"], "--images must be 1 to 64")]:
+        result = run_cli("compare", output, "-o", tmp_path / grid, *options)
+        assert result.exit_code == 2 and message in result.stderr, result.output
+        assert len(result.stderr.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["erase", "export drop-in", "apply to a folder", "compare"])
+def test_overwrite_never_turns_a_users_file_into_a_folder_or_a_folder_into_a_file(erased, pictures, tmp_path, command):
+    """--overwrite replaces an earlier output of the same kind; a README in the way of an erase, or a folder in the
+    way of a grid, is the user's own."""
+    tiny, output = erased("sd1")
+    if command == "compare":
+        mine = tmp_path / "mine.png"
+        (mine / "kept").mkdir(parents=True)
+        (mine / "kept" / "note.txt").write_text("keep me\n")
+    else:
+        mine = tmp_path / "README.md"
+        mine.write_text("keep me\n")
+    arguments = {"erase": ["erase", "tiny robot", pictures, "--model", tiny.folder, "--steps", "1", "-o", mine],
+                 "export drop-in": ["export", output, "--format", "drop-in", "-o", mine],
+                 "apply to a folder": ["apply", output, tiny.folder, "-o", mine],
+                 "compare": ["compare", output, "-o", mine]}[command]
+    result = run_cli(*arguments, "--overwrite")
+    kind = "is a folder, and this writes a file" if command == "compare" else "is a file, and this writes a folder"
+    assert result.exit_code == 2 and kind in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.output
+    assert (mine / "kept" / "note.txt").read_text() == "keep me\n" if command == "compare" else mine.read_text() == "keep me\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [mine.name]
+

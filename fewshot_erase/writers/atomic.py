@@ -32,8 +32,9 @@ def exists(target: Path) -> bool:
         raise BadInput(f"output {target} cannot be used ({error.strerror or error}); choose a shorter or another path") from None
 
 
-def check_target(target: Path, overwrite: bool, inputs: tuple[Path, ...] = ()) -> Path:
-    """Refuse what would clobber, nest inside or (with --overwrite) delete the user's inputs, before any work."""
+def check_target(target: Path, overwrite: bool, inputs: tuple[Path, ...] = (), writes: str = "file") -> Path:
+    """Refuse what would clobber, nest inside or (with --overwrite) delete the user's inputs, before any work.
+    `writes`: "file" or "folder", what the output will be; --overwrite never turns one into the other."""
     target = Path(target).expanduser()
     resolved = target.resolve()
     for source in inputs:
@@ -46,6 +47,8 @@ def check_target(target: Path, overwrite: bool, inputs: tuple[Path, ...] = ()) -
             raise BadInput(f"output {target} contains the input {source}, which replacing it would delete; write it somewhere else")
     if exists(target) and not overwrite:
         raise BadInput(f"output {target} already exists; choose another path or pass --overwrite")
+    if overwrite and exists(target):
+        _check_same_kind(target, writes)
     if overwrite and target.is_dir():
         _check_replaceable(target, resolved)
     parent = resolved.parent
@@ -57,6 +60,17 @@ def check_target(target: Path, overwrite: bool, inputs: tuple[Path, ...] = ()) -
 
 # What tops every folder fewshot-erase writes: an erase output, a patched pipeline, drop-in files
 OURS = ("erase.json", "model_index.json", "*.safetensors")
+
+
+def _check_same_kind(target: Path, writes: str) -> None:
+    """An earlier output is what this command writes: a file where a file goes, a folder where a folder does. Any
+    other is the user's own (a README, a picture), which --overwrite must not delete."""
+    if writes == "folder" and not target.is_dir():
+        raise BadInput(f"output {target} is a file, and this writes a folder; --overwrite replaces only an earlier "
+                       "output of the same kind: choose another path")
+    if writes == "file" and target.is_dir():
+        raise BadInput(f"output {target} is a folder, and this writes a file; --overwrite replaces only an earlier "
+                       "output of the same kind: choose another path")
 
 
 def _check_replaceable(target: Path, resolved: Path) -> None:
