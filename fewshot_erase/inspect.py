@@ -93,4 +93,12 @@ def fits(patch: Patch, path: Path) -> dict:
         differing = mismatches(patch, files, str(path))
     except BadInput as error:
         return {**found, "fits": False, "reason": str(error)}
-    return {**found, "fits": not differing, "differing": differing}
+    applied = bool(differing) and any(_same_erase(record_in(file.header, file.path), patch.record) for file in files)
+    return {**found, "fits": not differing, "differing": differing, "applied_here": applied}
+
+
+def _same_erase(record: dict | None, other: dict) -> bool:
+    """The same erase, whether exported or applied since (each adds its own field to the record)."""
+    def erase(r: dict) -> dict:
+        return {field: value for field, value in summary(r).items() if field not in ("export", "applied")}
+    return record is not None and erase(record) == erase(other)

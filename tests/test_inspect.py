@@ -10,6 +10,7 @@ from PIL import Image
 import torch
 
 from helpers import run_cli
+from tiny_pipelines import build_tiny_pipeline, save_single_file
 
 ENCODERS = {
     "sd1": {"text_encoder": ("transformers names", 3)},
@@ -43,9 +44,21 @@ def test_a_patched_checkpoint_shows_its_erase_record_and_whether_a_patch_fits(er
     assert record["concept"] == "tiny robot" and len(record["images"]) == 3
     assert record["base"]["family"] == "sd1" and len(record["base"]["text_encoders"]["text_encoder"]["sha256"]) == 64
     assert record["settings"]["lr"] == 1e-3 and record["applied"]["base_matched"] is True
-    assert report["patch"]["fits"] is False and len(report["patch"]["differing"]) == 12  # it is patched already
+    assert report["patch"]["fits"] is False and len(report["patch"]["differing"]) == 12
+    assert report["patch"]["applied_here"] is True  # not "another base": this very patch was applied
+    assert "is already applied here" in run_cli("inspect", new, "--patch", output).stdout
     assert inspect(tiny.single_file, "--patch", output)["patch"] == {"path": str(output), "kind": "erase output",
-                                                                      "fits": True, "differing": []}
+                                                                      "fits": True, "differing": [], "applied_here": False}
+
+
+def test_a_patch_applied_with_force_to_another_base_is_still_told_apart_from_a_mere_misfit(erased, tmp_path):
+    tiny, output = erased("sd1")
+    other = save_single_file(build_tiny_pipeline("sd1", seed=1), tmp_path / "other.safetensors", "sd1")
+    lora = tmp_path / "lora.safetensors"
+    assert run_cli("export", output, "--format", "lora-kohya", "-o", lora).exit_code == 0
+    assert run_cli("apply", lora, other, "-o", tmp_path / "forced.safetensors", "--force").exit_code == 0
+    assert inspect(tmp_path / "forced.safetensors", "--patch", output)["patch"]["applied_here"] is True
+    assert inspect(other, "--patch", output)["patch"]["applied_here"] is False
 
 
 def test_erase_outputs_exported_patches_and_pipeline_folders_are_told_apart(erased, tmp_path):

@@ -61,6 +61,8 @@ def _lines(report: dict):
         patch = report["patch"]
         if patch["fits"]:
             yield f"  patch {patch['path']} fits: this is its base"
+        elif patch.get("applied_here"):
+            yield f"  patch {patch['path']} is already applied here (apply writes it into its base, not again into this)"
         else:
             reason = patch.get("reason") or f"{len(patch['differing'])} feed-forward tensors differ from its base"
             yield f"  patch {patch['path']} does not fit: {reason}"
