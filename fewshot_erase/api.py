@@ -16,7 +16,7 @@ from typing import Sequence
 
 from . import images as image_io
 from . import prompts
-from .concepts import COMMON_CONCEPTS, ConceptSpec, automatic_preserve, check_specs, nearest
+from .concepts import COMMON_CONCEPTS, ConceptSpec, automatic_preserve, check_specs, nearest, one_or_many
 from .errors import BadInput, EraseWarning, RunFailure, python_terms
 from .families import FLUX
 from .models import (PICKLE_SUFFIXES, KeptModel, import_libraries, load_pipeline_parts, resolve_device,
@@ -104,7 +104,7 @@ def erase(concept: str, images: Sequence[str | Path], output: str | Path, *, anc
 
     `options` are `erase_concepts`'s keywords and EraseSettings fields (lr, steps, batch_size, seed, resolution,
     templates, style, train, encoder, device, dtype, preserve, preserve_weight, until, ...)."""
-    spec = ConceptSpec(concept, tuple(str(i) for i in images), bool(options.get("style")), anchor)
+    spec = ConceptSpec(concept, one_or_many(images), bool(options.get("style")), anchor)
     return erase_concepts([spec], output, **options)
 
 
@@ -147,7 +147,7 @@ def erase_concepts(
     with progress.phase("reading images", total=sum(map(len, image_paths))) as advance:
         loaded = []
         for paths in image_paths:
-            loaded.append([image_io.load_image(path) for path in paths])
+            loaded.append(image_io.once_each([image_io.load_image(path) for path in paths]))
             advance(len(paths))
     timings["images"] = time.perf_counter() - started
 

@@ -3,6 +3,8 @@ Pure functions over strings and small files; no models here but the embedding ra
 
 from __future__ import annotations
 
+import os
+
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,11 +35,16 @@ class ConceptSpec:
     anchor: str | None = None
 
 
+def one_or_many(images) -> tuple[str, ...]:
+    """A folder or file given alone, or a list of them: a path string is one path, not its characters."""
+    return (str(images),) if isinstance(images, (str, os.PathLike)) else tuple(str(image) for image in images)
+
+
 def check_specs(specs: list[ConceptSpec], preserve: tuple[str, ...]) -> list[ConceptSpec]:
     """One concept once; an anchor is another concept; nothing preserved names a concept being erased."""
     if not specs:
         raise BadInput("no concept given; name one, or pass --concept NAME=DIR or --manifest FILE")
-    specs = [ConceptSpec(check_concept(s.concept), tuple(s.images), s.style, None if s.anchor is None else named(s.anchor, "anchor"))
+    specs = [ConceptSpec(check_concept(s.concept), one_or_many(s.images), s.style, None if s.anchor is None else named(s.anchor, "anchor"))
              for s in specs]
     seen = set()
     for spec in specs:

@@ -35,6 +35,8 @@ def find_image_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
     """Files as given; folders contribute their image files (sorted, not recursive, so a symlink loop cannot trap us).
     An image-named entry that is not a readable file (a broken link, a link loop, a pipe) is an error, not skipped:
     a script that meant to pass it should hear about it."""
+    if isinstance(paths, (str, os.PathLike)):  # one path, not its characters
+        paths = [paths]
     found: list[Path] = []
     for raw in paths:
         path = Path(raw)
@@ -151,7 +153,22 @@ def load_image(path: Path) -> LoadedImage:
 
 def load_images(paths: Iterable[str | os.PathLike]) -> list[LoadedImage]:
     """Every picture read, decoded and checked; fails on the first bad one, before any model is loaded."""
-    return [load_image(path) for path in find_image_files(paths)]
+    return once_each([load_image(path) for path in find_image_files(paths)])
+
+
+def once_each(loaded: list[LoadedImage]) -> list[LoadedImage]:
+    """A picture whose bytes another one has already (a copy under another name) is used once: twice would weigh it
+    double."""
+    first: dict[str, LoadedImage] = {}
+    for item in loaded:
+        first.setdefault(item.sha256, item)
+    unique = list(first.values())
+    copies = len(loaded) - len(unique)
+    if copies:
+        counted = "1 picture is a copy" if copies == 1 else f"{copies} pictures are copies"
+        warnings.warn(f"{counted} of another under another name (the same bytes); each is used once", EraseWarning,
+                      stacklevel=3)
+    return unique
 
 
 def to_pixels(images: list[LoadedImage], resolution: int, flip: bool):

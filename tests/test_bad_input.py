@@ -572,6 +572,19 @@ def pictures_given_twice(ws):
                 exit_code=0, accepted=used_once)
 
 
+@case("cli", "api")
+def a_picture_copied_under_another_name(ws):
+    """The same bytes twice would weigh that picture double, as a path given twice would."""
+    folder = ws.pictures()
+    first = sorted(folder.iterdir())[0]
+    (folder / f"copy of {first.name}").write_bytes(first.read_bytes())
+    def used_once(output, warned):
+        recorded = json.loads((output / "erase.json").read_text())["images"]
+        assert len(recorded) == 2 and len({image["sha256"] for image in recorded}) == 2
+        assert len(warned) == 1 and "1 picture is a copy of another under another name" in warned[0]
+    return Case(["tiny robot", folder], ws.model(**FAST), exit_code=0, accepted=used_once)
+
+
 @case("cli")
 def concept_longer_than_77_tokens(ws):
     def warned_and_erased(output, warned):

@@ -131,6 +131,16 @@ def test_python_api_returns_the_result(tiny_model, pictures, tmp_path):
     assert json.loads((tmp_path / "out" / "erase.json").read_text())["losses"] == result.losses
 
 
+def test_python_api_takes_one_folder_as_a_string_or_a_path_too(tiny_model, pictures, tmp_path):
+    from fewshot_erase import erase as erase_api
+
+    model = str(tiny_model("sd1").folder)
+    for images, name in [(str(pictures), "from-str"), (pictures, "from-path"), ([pictures], "from-list")]:
+        erase_api("tiny robot", images, tmp_path / name, model=model, steps=1, seed=1)
+    weights = {name: (tmp_path / name / "model.safetensors").read_bytes() for name in ("from-str", "from-path", "from-list")}
+    assert weights["from-str"] == weights["from-path"] == weights["from-list"]
+
+
 @pytest.mark.parametrize("family", ["sd1", "sd2"])
 def test_the_loop_conditions_the_unet_as_the_pipeline_does(tiny_model, family):
     """SD 1.x and 2.x skip `encode_prompt`'s tokenizing (cached per caption); the result must still be its own
