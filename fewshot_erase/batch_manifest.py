@@ -17,7 +17,7 @@ from .concepts import MANIFEST_FIELDS as CONCEPT_FIELDS
 from .concepts import REQUIRED_FIELDS as CONCEPT_REQUIRED
 from .concepts import ConceptSpec, read_manifest
 from .errors import BadInput
-from .models import HUB_ID
+from .models import HUB_ID, PICKLE_SUFFIXES
 from .prompts import check_concept, check_templates
 from .settings import EraseSettings
 from .writers import EXPORT_FORMATS
@@ -350,10 +350,17 @@ def _follow_up_fields(place: _Place, item: _Located, kind: str, allowed: set, re
 def _apply(place: _Place, paths: _Paths, item: _Located) -> FollowUp:
     _follow_up_fields(place, item, "apply", APPLY_FIELDS, ("checkpoint", "output"),
                       "apply needs the checkpoint to patch and the output to write")
-    options = {"checkpoint": str(paths.path(item, "checkpoint")),
+    checkpoint, output = paths.path(item, "checkpoint"), paths.path(item, "output")
+    options = {"checkpoint": str(checkpoint),
                "force": _typed(place, item, "force", bool) if "force" in item else False,
                "allow_pickle": _typed(place, item, "allow_pickle", bool) if "allow_pickle" in item else False}
-    return FollowUp("apply", paths.path(item, "output"), options)
+    # as apply decides, before any job runs: a single file is patched into a .safetensors file, a folder into a folder
+    one_file = checkpoint.is_file() or not checkpoint.exists() and checkpoint.suffix.lower() in (".safetensors",) + PICKLE_SUFFIXES
+    if one_file != (output.suffix.lower() == ".safetensors"):
+        raise place.problem(item, "output", f"{item['output']} must {'' if one_file else 'not '}end in .safetensors: "
+                                            f"a {'single-file checkpoint' if one_file else 'pipeline folder'} is "
+                                            f"patched into a {'.safetensors file' if one_file else 'folder'}")
+    return FollowUp("apply", output, options)
 
 
 def _export(place: _Place, paths: _Paths, item: _Located) -> FollowUp:

@@ -84,6 +84,11 @@ def test_local_run_writes_what_erase_alone_writes_and_a_bad_job_fails_alone(loca
     assert "failed: job 3 (line" in result.stderr and "no-such-folder" in result.stderr
     check_lines(folder)
     check_outputs(tiny_model("sd1"), pictures, folder, tmp_path)
+    # two steps erase nothing: the summary says which jobs ran without erasing, as each job's verdicts do
+    for job, concept in ((1, "tiny robot"), (2, "tiny cat")):
+        said = results(folder)[job]["erase"]["report"]["effects"]["erased"][concept]["verdict"]
+        assert (f"not erased: job {job} (line" in result.stderr) is (said == "not erased")
+    assert "not erased: job 1 (line" in result.stderr and "'tiny robot' is not erased" in result.stderr
 
 
 def test_rerun_skips_finished_jobs(local_run):
@@ -193,6 +198,10 @@ GOOD = {"concept": "seven", "images": "pictures", "output": "out/seven"}
     ({"jobs": [{**GOOD, "lr": "fast"}]}, [], "field 'lr': must be a number"),
     ({"jobs": [{**GOOD, "export": {"format": "zip", "output": "e.safetensors"}}]}, [], "field 'format': unknown"),
     ({"jobs": [{**GOOD, "export": {"format": "delta", "output": "e.safetensors", "rank": 4}}]}, [], "sets a LoRA's rank"),
+    ({"jobs": [{**GOOD, "apply": {"checkpoint": "model.safetensors", "output": "grid.png"}}]}, [],
+     "field 'output': grid.png must end in .safetensors: a single-file checkpoint"),
+    ({"jobs": [{**GOOD, "apply": {"checkpoint": "pictures", "output": "patched.safetensors"}}]}, [],
+     "patched.safetensors must not end in .safetensors: a pipeline folder"),
     ({"jobs": [{**GOOD, "lr": float("inf")}]}, [], "--lr must be a finite positive number"),
     ({"jobs": [{**GOOD, "seed": 2**70}]}, [], "--seed must be between 0 and 2**63 - 1"),
     ({"jobs": [{**GOOD, "preserve": [" "]}]}, [], "the concept to preserve is empty"),

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from .render import handled, stderr
+from .render import handled, stderr, verdict
 
 
 @click.command("batch")
@@ -116,4 +116,18 @@ def _summary(lines: list[dict], results_path) -> None:
             table.add_row(status, str(len(chosen)), f"{sum(line['seconds'] for line in chosen):.1f}")
     stderr.print(table)
     wall = max((line["finished_at"] for line in lines), default=0.0)
-    stderr.print(f"{len(lines)} jobs in {wall:.1f} s; one line per job in {results_path}", soft_wrap=True)
+    stderr.print(f"{len(lines)} job{'' if len(lines) == 1 else 's'} in {wall:.1f} s; one line per job in {results_path}",
+                 soft_wrap=True)
+    for line in lines:
+        left = not_erased(line)
+        if left:
+            stderr.print(f"[yellow]not erased:[/] job {line['job']} (line {line['line']}, {line['name']}) ran, but "
+                         f"{', '.join(map(repr, left))} {'is' if len(left) == 1 else 'are'} not erased; give it a "
+                         "higher lr or more steps", soft_wrap=True)
+
+
+def not_erased(line: dict) -> list[str]:
+    """The concepts a finished job's erase left by its verdict (the erase command's own wording: render.verdict)."""
+    report = (line.get("erase") or {}).get("report") or {}
+    effects = report.get("effects", {}).get("erased", {})
+    return [concept for concept, effect in effects.items() if verdict(effect) == "not erased"]

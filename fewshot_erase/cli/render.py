@@ -110,7 +110,8 @@ def print_json(data: dict) -> None:
 
 VERDICTS = {
     "erased": "erased: its captions now push the denoising away from its pictures",
-    "not erased": "NOT erased: its captions still help draw it; run again with a higher --lr or more --steps",
+    "not erased": "NOT erased: its captions are not pushed far enough from its pictures yet; run again with a higher "
+                  "--lr or more --steps",
     "steered": "steered to its anchor (not judged by the erase rule; look with `fewshot-erase compare`)",
 }
 
