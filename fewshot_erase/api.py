@@ -163,6 +163,10 @@ def erase_concepts(
     timings["load"] = time.perf_counter() - clock
     check_family_settings(parts.family, run_settings)
     run_settings = run_settings.replace(resolution=run_settings.resolution or parts.resolution)
+    if run_settings.resolution % parts.size_step:
+        lower = max(parts.size_step, run_settings.resolution // parts.size_step * parts.size_step)
+        raise BadInput(f"--resolution must be a multiple of {parts.size_step} for this model (as its pipeline "
+                       f"generates), got {run_settings.resolution}; try {lower}")
     templates = {spec.concept: tuple(run_settings.templates or prompts.default_templates(spec.style or run_settings.style))
                  for spec in specs}
     clock = time.perf_counter()

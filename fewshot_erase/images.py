@@ -87,7 +87,9 @@ def check_size(path: Path, size: tuple[int, int], resolution: int | None = None)
     floor = max(MIN_SIDE, (resolution or 0) // 8)
     if min(size) < floor:
         at = f" at {resolution}px" if resolution else ""
-        raise BadInput(f"image {path} is {size[0]}x{size[1]}, too small to learn from{at}; use pictures at least {floor}px on the short side")
+        lower = f", or a lower --resolution" if resolution and resolution // 8 > MIN_SIDE else ""
+        raise BadInput(f"image {path} is {size[0]}x{size[1]}, too small to learn from{at}; use pictures at least "
+                       f"{floor}px on the short side{lower}")
 
 
 def _to_rgb(image):

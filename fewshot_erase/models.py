@@ -121,6 +121,14 @@ class PipelineParts:
         return int(size) * int(pipeline.vae_scale_factor)
 
     @property
+    def size_step(self) -> int:
+        """The sizes the pipeline itself generates at are multiples of this: the VAE's factor (a UNet meets odd
+        latent sizes on its way up), times a transformer's patch (FLUX packs 2x2 in the pipeline)."""
+        if self.family.denoiser == "unet":
+            return int(self.pipeline.vae_scale_factor)
+        return int(self.pipeline.vae_scale_factor) * max(2, int(getattr(self.denoiser.config, "patch_size", 1) or 1))
+
+    @property
     def denoiser(self):
         return getattr(self.pipeline, self.family.denoiser)
 

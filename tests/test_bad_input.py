@@ -573,6 +573,17 @@ def pictures_given_twice(ws):
 
 
 @case("cli", "api")
+def resolution_the_pipeline_would_not_generate_at(ws):
+    """The tiny pipelines' VAE halves the size once: an odd --resolution is no size they draw at."""
+    return Case(["tiny robot", ws.pictures()], ws.model(resolution=17), message="--resolution must be a multiple of 2 for this model")
+
+
+@case("cli", "api")
+def resolution_larger_than_the_pictures_can_fill(ws):
+    return Case(["tiny robot", ws.pictures()], ws.model(resolution=100000), message="or a lower --resolution")
+
+
+@case("cli", "api")
 def a_picture_copied_under_another_name(ws):
     """The same bytes twice would weigh that picture double, as a path given twice would."""
     folder = ws.pictures()

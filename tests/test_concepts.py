@@ -218,6 +218,16 @@ def test_the_summary_says_when_the_check_could_not_see_the_concept(before, said,
     assert ("this check sees little of it" in line) is caveat and ("`fewshot-erase compare`" in line) is caveat
 
 
+@pytest.mark.parametrize("drift, warned", [(0.018, False), (2.35, True)])  # the README's erase; --lr 1e6
+def test_the_summary_says_when_the_kept_concepts_moved_past_the_stops_bound(drift, warned):
+    from fewshot_erase.cli.render import effect_lines
+
+    effect = {"advantage_before": 0.003, "advantage_after": -0.02, "verdict": "erased"}
+    kept = effect_lines({"erased": {"seven": effect}, "kept_drift": {"five": drift, "zero": 0.01}})[-1]
+    assert kept.startswith(f"  most moved of the kept concepts: five {drift:.4f}, zero 0.0100")
+    assert ("past the 0.02 the stop allows" in kept) is warned
+
+
 @pytest.mark.parametrize("trajectory, last, said", [
     ([{"concept": "x", "advantage": {"x": -0.014}}], -0.014, "erased"),  # stopped on the check that found it gone
     ([{"concept": "x", "advantage": {"x": -0.014}}, {"concept": "x"}], -0.003, "not erased"),  # a step later: back

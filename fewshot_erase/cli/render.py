@@ -15,6 +15,7 @@ import click
 from rich.console import Console
 
 from ..errors import FROM_CLI, EraseError
+from ..settings import EraseSettings
 
 INTERRUPTED = 130
 stderr = Console(stderr=True, highlight=False)
@@ -108,6 +109,8 @@ def print_json(data: dict) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True))
 
 
+DRIFT_BOUND = EraseSettings.until_drift  # the stop's default: a run it ended keeps every kept concept within it
+
 VERDICTS = {
     "erased": "erased: its captions now push the denoising away from its pictures",
     "not erased": "NOT erased: its captions are not pushed far enough from its pictures yet; run again with a higher "
@@ -135,5 +138,7 @@ def effect_lines(effects: dict) -> list[str]:
     lines = [effect_line(concept, effect) for concept, effect in effects["erased"].items()]
     if effects["kept_drift"]:
         most = sorted(effects["kept_drift"].items(), key=lambda item: -item[1])[:3]  # erase.json sorts by name
-        lines.append("  most moved of the kept concepts: " + ", ".join(f"{name} {value:.4f}" for name, value in most))
+        past = (f" (past the {DRIFT_BOUND} the stop allows: they may draw differently now; a lower --lr, or --until "
+                "gone, keeps them)") if most[0][1] > DRIFT_BOUND else ""
+        lines.append("  most moved of the kept concepts: " + ", ".join(f"{name} {value:.4f}" for name, value in most) + past)
     return lines
