@@ -57,6 +57,26 @@ def test_readme_command_runs_on_the_demo_with_its_own_settings(readme_erase):
     assert seven["advantage_before"] > 0 >= seven["advantage_after"] and seven["verdict"] == "erased" and seven["gone"]
 
 
+def test_the_demo_written_as_one_checkpoint_takes_the_readme_erase(readme_erase, tmp_path):
+    """The README's way to a single file to try `apply` on: python -m demo.single_file, readable by others under
+    the umask, a CompVis-layout SD 1.x checkpoint that the erase output fits and patches."""
+    import os
+    import subprocess
+    import sys
+
+    from demo.measure import REPO
+
+    checkpoint = tmp_path / "demo.safetensors"
+    made = subprocess.run([sys.executable, "-m", "demo.single_file", checkpoint], cwd=REPO, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, preexec_fn=lambda: os.umask(0o022))
+    assert made.returncode == 0 and made.stdout == f"wrote {checkpoint}\n" and made.stderr == "", made.stderr
+    assert checkpoint.stat().st_mode & 0o777 == 0o644
+    _, output = readme_erase
+    fit = json.loads(run_cli("inspect", checkpoint, "--patch", output, "--json").stdout)
+    assert fit["kind"] == "single-file checkpoint" and fit["family"] == "sd1" and fit["patch"]["fits"]
+    assert run_cli("apply", output, checkpoint, "-o", tmp_path / "demo-no-seven.safetensors").exit_code == 0
+
+
 def test_readme_command_erases_seven_and_spares_the_others(base, readme_erase):
     parts, generation, table = base
     result, output = readme_erase
