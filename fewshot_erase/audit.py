@@ -84,7 +84,7 @@ def concept_entry(record: dict, concept: str | None) -> tuple[int, dict]:
     """Which of the erase's concepts to audit: the only one, or the one named."""
     names = [entry["concept"] for entry in record["concepts"]]
     if concept is None and len(names) > 1:
-        raise BadInput(f"this erase removed {len(names)} concepts ({', '.join(names)}); name the one to audit with the concept option")
+        raise BadInput(f"this erase removed {len(names)} concepts ({', '.join(names)}); name the one to audit with --concept")
     if concept is not None and concept not in names:
         raise BadInput(f"the erase did not remove {concept!r}; it removed {', '.join(names)}")
     index = names.index(concept) if concept is not None else 0
@@ -285,7 +285,7 @@ def write_audit(target: Path, record: dict) -> None:
         staging.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
-@python_terms
+@python_terms(concept="concept")
 def audit(output: str | Path, images: Sequence[str | Path] | None = None, *, attacks: Sequence[str] | None = None,
           budget: int | dict[str, int] | None = None, prompts: Sequence[str] = (), prompt_file: str | Path | None = None,
           concept: str | None = None, model: str | None = None, config: str | None = None, seed: int = 0,

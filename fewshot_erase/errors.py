@@ -38,13 +38,17 @@ KEYWORDS = {"no-preserve": "preserve_weight=0", "format": "fmt", "file": "target
 FROM_CLI = contextvars.ContextVar("fewshot_erase_from_cli", default=False)  # set while a command runs
 
 
-def in_python_terms(message: str) -> str:
+def in_python_terms(message: str, keywords: dict[str, str] = KEYWORDS) -> str:
     """The message for a caller of the Python API: `lr` where the CLI's says --lr."""
-    return OPTION.sub(lambda m: f"`{KEYWORDS.get(m.group(1), m.group(1).replace('-', '_'))}`", message)
+    return OPTION.sub(lambda m: f"`{keywords.get(m.group(1), m.group(1).replace('-', '_'))}`", message)
 
 
-def python_terms(function):
-    """For the public API's functions: their errors name keywords unless the CLI called them."""
+def python_terms(function=None, /, **renamed):
+    """For the public API's functions: their errors name keywords unless the CLI called them. `renamed`: this
+    function's own keyword for an option, where it is not the usual one (`@python_terms(concept="concept")`)."""
+    if function is None:
+        return lambda decorated: python_terms(decorated, **renamed)
+    keywords = KEYWORDS | renamed
 
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
@@ -53,7 +57,7 @@ def python_terms(function):
         except EraseError as error:
             if FROM_CLI.get():
                 raise
-            raise type(error)(in_python_terms(str(error))) from error.__cause__
+            raise type(error)(in_python_terms(str(error), keywords)) from error.__cause__
 
     return wrapper
 

@@ -32,7 +32,9 @@ def inspect(path, patch=None) -> dict:
         report = _model_report(path)
     if patch is not None:
         if report["kind"] not in ("single-file checkpoint", "diffusers pipeline"):
-            raise BadInput(f"--patch checks a checkpoint or pipeline folder, and {path} is a {report['kind']}")
+            raise BadInput(f"--patch checks whether a patch fits a checkpoint or pipeline folder, and {path} is "
+                           f"{'an' if report['kind'][0] in 'aeiou' else 'a'} {report['kind']}: pass the checkpoint as "
+                           "PATH and the patch after --patch")
         report["patch"] = fits(read_patch(patch), path)
     return {"path": str(path), **report}
 

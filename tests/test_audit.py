@@ -120,6 +120,13 @@ def test_other_pictures_are_used_with_a_warning(seven):
     assert not json.loads((seven / "audit.json").read_text())["pictures"]["used_by_the_erase"]
 
 
+def test_a_budget_larger_than_the_battery_shows_what_was_tried(seven):
+    result = run_cli("audit", seven, "--attack", "prompts", "--budget", "100000", "--judge-images", "1")
+    assert result.exit_code == 0, result.output
+    tried = json.loads((seven / "audit.json").read_text())["attacks"]["prompts"]["steps"]
+    assert tried < 100000 and f"{tried} of 100000" in result.stdout
+
+
 def test_an_erase_of_several_concepts_is_audited_one_named_concept_at_a_time(tmp_path):
     from fewshot_erase.api import erase_concepts
     from fewshot_erase.concepts import ConceptSpec
@@ -128,6 +135,9 @@ def test_an_erase_of_several_concepts_is_audited_one_named_concept_at_a_time(tmp
     erase_concepts([ConceptSpec(d, (str(SAMPLES / d),)) for d in ("two", "seven")], output, device="cpu")
     unnamed = run_cli("audit", output, *QUICK)
     assert unnamed.exit_code == 2 and "removed 2 concepts (two, seven)" in unnamed.stderr
+    assert unnamed.stderr.rstrip().endswith("name the one to audit with --concept")
+    with pytest.raises(BadInput, match="name the one to audit with `concept`$"):  # the keyword, in Python
+        audit(output, attacks=["prompts"], budget=2, judge_images=1)
     record = audit(output, concept="seven", attacks=["prompts"], budget=2, judge_images=1).record
     assert record["concept"] == "seven" and record["pictures"]["used_by_the_erase"]
     assert all(name.startswith("seven_") for name in record["pictures"]["fitted"] + record["pictures"]["held_out"])

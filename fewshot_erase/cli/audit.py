@@ -53,7 +53,7 @@ def _show(record: dict) -> None:
     table = Table("attack", "recovery", *(["judged"] if judged else []), "budget", "seconds", "found", box=None)
     for name, result in record["attacks"].items():
         table.add_row(name, _share(result["recovery"]), *([_share(result["judged_success"])] if judged else []),
-                      str(result["budget"]), f"{result['seconds']:.1f}", result["found"])
+                      _spent(result), f"{result['seconds']:.1f}", result["found"])
     console = Console(highlight=False)
     console.print(table)
     erased = record["erased_captions"]
@@ -67,3 +67,9 @@ def _show(record: dict) -> None:
 
 def _share(value) -> str:
     return "n/a" if value is None else f"{value:.0%}"
+
+
+def _spent(result: dict) -> str:
+    """The budget, and what was used of it where that is less (a battery of 64 phrasings under --budget 100000)."""
+    budget, steps = result["budget"], result["steps"]
+    return str(budget) if steps >= budget else f"{steps} of {budget}"
