@@ -132,6 +132,8 @@ def erase_concepts(
     if settings.get("templates") is not None:
         settings["templates"] = prompts.check_templates(settings["templates"])
     recommended = _recommended(source, len(specs))
+    if settings.get("epochs") is not None and settings.get("steps") is not None:
+        raise BadInput(f"--steps {settings['steps']} and --epochs {settings['epochs']} both set the run's length; give one")
     if "epochs" in settings:  # a schedule in epochs is the caller's choice of length: the model's steps give way
         recommended.pop("steps", None)
     settings = with_implied(settings, recommended)

@@ -296,6 +296,8 @@ def _settings(place: _Place, job: _Located) -> dict:
         except BadInput as error:
             raise place.problem(job, name, str(error)) from None
         chosen[name] = value
+    if chosen.get("steps") is not None and chosen.get("epochs") is not None:  # as erase refuses --steps with --epochs
+        raise place.problem(job, "epochs", "steps and epochs both set the run's length; give one (in the job or its defaults)")
     return chosen
 
 

@@ -573,6 +573,11 @@ def pictures_given_twice(ws):
 
 
 @case("cli", "api")
+def steps_and_epochs_both(ws):
+    return Case(["tiny robot", ws.pictures()], ws.model(steps=5, epochs=2), message="both set the run's length; give one")
+
+
+@case("cli", "api")
 def resolution_the_pipeline_would_not_generate_at(ws):
     """The tiny pipelines' VAE halves the size once: an odd --resolution is no size they draw at."""
     return Case(["tiny robot", ws.pictures()], ws.model(resolution=17), message="--resolution must be a multiple of 2 for this model")

@@ -203,6 +203,7 @@ GOOD = {"concept": "seven", "images": "pictures", "output": "out/seven"}
     ({"jobs": [{**GOOD, "apply": {"checkpoint": "pictures", "output": "patched.safetensors"}}]}, [],
      "patched.safetensors must not end in .safetensors: a pipeline folder"),
     ({"jobs": [{**GOOD, "lr": float("inf")}]}, [], "--lr must be a finite positive number"),
+    ({"jobs": [{**GOOD, "steps": 5, "epochs": 2}]}, [], "field 'epochs': steps and epochs both set the run's length"),
     ({"jobs": [{**GOOD, "seed": 2**70}]}, [], "--seed must be between 0 and 2**63 - 1"),
     ({"jobs": [{**GOOD, "preserve": [" "]}]}, [], "the concept to preserve is empty"),
     ({"jobs": [GOOD]}, ["--shard", "3/2"], "--shard 3/2 is out of range"),
