@@ -42,6 +42,9 @@ def apply(patch, checkpoint, output, *, force: bool = False, overwrite: bool = F
     checkpoint = Path(checkpoint).expanduser()
     if not checkpoint.exists():
         raise BadInput(f"checkpoint {checkpoint} does not exist; pass a .safetensors checkpoint or a diffusers pipeline folder")
+    if checkpoint.is_file() and checkpoint.suffix.lower() not in (".safetensors",) + PICKLE_SUFFIXES:
+        raise BadInput(f"checkpoint {checkpoint} is not a .safetensors file; pass a .safetensors checkpoint or a "
+                       "diffusers pipeline folder")
     pickled = checkpoint.is_file() and checkpoint.suffix.lower() in PICKLE_SUFFIXES
     if pickled and not allow_pickle:
         raise BadInput(f"{checkpoint} is a pickle checkpoint, which can run code when loaded; convert it to .safetensors or pass --allow-pickle")

@@ -242,3 +242,12 @@ def test_a_pipeline_folder_patched_into_a_name_ending_in_safetensors_is_refused(
     result = run_cli("apply", output, tiny.folder, "-o", tmp_path / "patched.safetensors")
     assert result.exit_code == 2 and "a pipeline folder is patched into a folder; name a folder" in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_checkpoint_that_is_no_safetensors_file_is_named_so(erased, tmp_path):
+    _, output = erased("sd1")
+    notes = tmp_path / "README.md"
+    notes.write_text("# not a model\n")
+    result = run_cli("apply", output, notes, "-o", tmp_path / "patched.safetensors")
+    assert result.exit_code == 2 and "is not a .safetensors file; pass a .safetensors checkpoint" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md"]

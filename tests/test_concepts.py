@@ -218,6 +218,19 @@ def test_the_summary_says_when_the_check_could_not_see_the_concept(before, said,
     assert ("this check sees little of it" in line) is caveat and ("`fewshot-erase compare`" in line) is caveat
 
 
+@pytest.mark.parametrize("verdicts, said", [
+    ({"seven": "erased"}, "erased 'seven' from the demo model"),
+    ({"two": "erased", "seven": "erased"}, "erased 'two' and 'seven' from the demo model"),  # not one concept 'two, seven'
+    ({"two": "erased", "five": "not erased", "seven": "erased"}, "tried to erase 'two', 'five' and 'seven' from the demo model"),
+    ({"seven": "steered"}, "steered 'seven' from the demo model"),
+])
+def test_the_summary_headline_names_each_concept_and_what_was_done(verdicts, said):
+    from fewshot_erase.cli.render import headline
+
+    effects = {concept: {"verdict": v, "advantage_before": 0.003, "advantage_after": -0.02} for concept, v in verdicts.items()}
+    assert headline({"effects": {"erased": effects}}, "the demo model") == said
+
+
 @pytest.mark.parametrize("drift, warned", [(0.018, False), (2.35, True)])  # the README's erase; --lr 1e6
 def test_the_summary_says_when_the_kept_concepts_moved_past_the_stops_bound(drift, warned):
     from fewshot_erase.cli.render import effect_lines

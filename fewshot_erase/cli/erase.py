@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ..settings import TRAIN_CHOICES, parse_layers
-from .render import effect_lines, handled, print_json, rich_progress, verdict
+from .render import effect_lines, handled, headline, print_json, rich_progress
 
 
 @click.command("erase")
@@ -92,10 +92,8 @@ def erase_command(concept, images, output, model, style, templates, seed, steps,
     elif not quiet:
         s = result.summary()
         repairs = f", {s['repair_steps']} of them repair steps" if s["repair_steps"] else ""
-        failed = any(verdict(e) == "not erased" for e in s["effects"]["erased"].values())
         model = "the demo model" if s["model"] == "demo" else s["model"]
-        click.echo(f"{'tried to erase' if failed else 'erased'} {s['concept']!r} from {model} in {s['steps']} steps"
-                   f"{repairs} ({s['timings']['total']:.1f} s); wrote {s['output']}")
+        click.echo(f"{headline(s, model)} in {s['steps']} steps{repairs} ({s['timings']['total']:.1f} s); wrote {s['output']}")
         for line in effect_lines(s["effects"]):
             click.echo(line)
         if s.get("robust_rounds"):

@@ -109,13 +109,24 @@ def print_json(data: dict) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True))
 
 
+def headline(summary: dict, model: str) -> str:
+    """What was done to which concepts: 'erased 'two' and 'seven'', 'steered 'seven'', 'tried to erase ...'."""
+    effects = summary["effects"]["erased"]
+    said = {concept: verdict(effect) for concept, effect in effects.items()}
+    verb = ("tried to erase" if "not erased" in said.values() else
+            "steered" if set(said.values()) == {"steered"} else "erased")
+    names = [repr(concept) for concept in effects]
+    named = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    return f"{verb} {named} from {model}"
+
+
 DRIFT_BOUND = EraseSettings.until_drift  # the stop's default: a run it ended keeps every kept concept within it
 
 VERDICTS = {
     "erased": "erased: its captions now push the denoising away from its pictures",
     "not erased": "NOT erased: its captions are not pushed far enough from its pictures yet; run again with a higher "
                   "--lr or more --steps",
-    "steered": "steered to its anchor (not judged by the erase rule; look with `fewshot-erase compare`)",
+    "steered": "steered to its anchor, which the erase rule does not judge: look with `fewshot-erase compare`",
 }
 
 
