@@ -98,9 +98,10 @@ def _warn_long_captions(pipeline, templates, concept) -> None:
 
 
 @python_terms
-def erase(concept: str, images: Sequence[str | Path], output: str | Path, *, anchor: str | None = None,
+def erase(concept: str, images: str | Path | Sequence[str | Path], output: str | Path, *, anchor: str | None = None,
           **options) -> EraseResult:
-    """Erase `concept` from a Stable Diffusion model's text encoder using a few real `images` of it.
+    """Erase `concept` from a Stable Diffusion model's text encoder using a few real `images` of it (a folder, a
+    picture, or a list of them).
 
     `options` are `erase_concepts`'s keywords and EraseSettings fields (lr, steps, batch_size, seed, resolution,
     templates, style, train, encoder, device, dtype, preserve, preserve_weight, until, ...)."""

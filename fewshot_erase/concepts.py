@@ -3,9 +3,8 @@ Pure functions over strings and small files; no models here but the embedding ra
 
 from __future__ import annotations
 
-import os
-
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
