@@ -297,6 +297,14 @@ def check_finite(trained: dict, settings: EraseSettings) -> None:
         raise RunFailure(f"the weights became inf or nan at the last step; lower --lr (now {settings.lr}) or use --dtype float32")
 
 
+def next_concept(active: list[int], taken: list[int], share: int, seen: list[float]) -> int:
+    """With --until, one concept at a time, until the check finds it gone: first the one whose captions helped its
+    pictures least before the erase (the check sees it least, and erasing the others drags their captions toward it:
+    zero+six+nine's nine), then the next; one that has had its share of the steps without going waits for the rest.
+    Taking turns instead left erased prompts held where they drew a concept still being erased (docs/stopping-rule.md)."""
+    return min(active, key=lambda i: (taken[i] >= share, seen[i], i))
+
+
 def run(parts, targets: list[Target], settings: EraseSettings, before: Snapshot,
         on_step: Callable[[int, float], None] = lambda step, loss: None, hold_empty: bool = False) -> LoopResult:
     """Erase `targets` from the text encoder(s) of `parts`; `before` is the report's snapshot of the original
@@ -323,6 +331,8 @@ def run(parts, targets: list[Target], settings: EraseSettings, before: Snapshot,
     earliest_stop = min(published_length, steps)  # --until never stops before the published schedule is done
     losses, trajectory = [], []
     active = list(range(len(targets)))  # with --until, a concept found done leaves the rotation
+    seen = [before.advantage[t.concept] / before.blank[t.concept] for t in targets]  # how much its captions help, before
+    taken, share = [0] * len(targets), max(1, steps // len(targets))  # ascent steps each; each one's budget
     held: dict[str, list[str]] = {}  # with --until: concept found done -> its captions, held where they were then
     if hold_empty:
         held[""], frozen[""] = [""], before.empty
@@ -335,7 +345,8 @@ def run(parts, targets: list[Target], settings: EraseSettings, before: Snapshot,
             if repairing:
                 trajectory.append(repair_step(loop, next(retained) if retained else [], held_rows(held, step)))
             else:
-                index = active[step % len(active)]  # several concepts take turns, each with its own pictures
+                index = next_concept(active, taken, share, seen) if settings.until else active[step % len(active)]
+                taken[index] += 1
                 target, picked = targets[index], next(streams[index])
                 templates = [captions_rng.choice(target.drawn) for _ in picked]
                 kept = next(retained) if retained else []
