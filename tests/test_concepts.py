@@ -274,6 +274,19 @@ def test_a_concept_found_done_is_held_where_it_is_while_the_others_go_on(tiny_mo
     assert all(entry["concept"] == "blue cube" for entry in trajectory[16:])
 
 
+@pytest.mark.parametrize("active, taken, said", [
+    ([0, 1, 2], [0, 0, 0], 2),    # nine first: its captions helped its pictures least before the erase
+    ([0, 1], [0, 0, 5], 1),       # nine gone: then six, less seen than zero
+    ([0, 1, 2], [0, 0, 120], 1),  # nine has had its share of the steps without going: the others go first
+    ([2], [0, 0, 120], 2),        # and alone it goes on
+])
+def test_several_concepts_are_erased_one_at_a_time_the_least_seen_first(active, taken, said):
+    from fewshot_erase.unlearning import next_concept
+
+    seen = [0.04, 0.02, -0.03]  # zero, six, nine: advantage before over the empty caption's loss (the demo's signs)
+    assert next_concept(active, taken, 120, seen) == said
+
+
 def test_a_held_concept_that_the_others_bring_back_rejoins_the_rotation(tiny_model, pictures, tmp_path, monkeypatch):
     from fewshot_erase import effects, stopping  # noqa: F401 -- effects first: the report keeps the real measure
     from fewshot_erase.api import erase_concepts
@@ -283,7 +296,7 @@ def test_a_held_concept_that_the_others_bring_back_rejoins_the_rotation(tiny_mod
     monkeypatch.setattr(stopping, "advantage", lambda parts, target, *rest:
                         next(robot_checks, -1.0) if target.concept == "tiny robot" else 1.0)
     specs = [ConceptSpec("tiny robot", (str(pictures),)), ConceptSpec("blue cube", (str(pictures),))]
-    result = erase_concepts(specs, tmp_path / "out", model=str(tiny_model("sd1").folder), steps=32, lr=1e-3,
+    result = erase_concepts(specs, tmp_path / "out", model=str(tiny_model("sd1").folder), steps=64, lr=1e-3,
                             until="gone", preserve=("green tree",))
     trajectory = result.record["trajectory"]
     checks = [i for i, entry in enumerate(trajectory) if "advantage" in entry]
@@ -291,8 +304,11 @@ def test_a_held_concept_that_the_others_bring_back_rejoins_the_rotation(tiny_mod
     assert [entry.get("held") for entry in map(trajectory.__getitem__, checks[:3])] == [["tiny robot"], None,
                                                                                         ["tiny robot"]]
     assert trajectory[checks[1]]["back"] == ["tiny robot"]
+    # back, it is erased again when its turn comes: one concept at a time, the one its check sees least first
+    seen = {concept: effect["advantage_before"] / effect["empty_caption_loss"]
+            for concept, effect in result.record["effects"]["erased"].items()}
     between = [entry["concept"] for entry in trajectory[checks[1] + 1:checks[2] + 1]]
-    assert "tiny robot" in between and "blue cube" in between  # erased again, in turn with the cube
+    assert set(between) == {min(seen, key=seen.get)}
     assert all(entry["concept"] == "blue cube" for entry in trajectory[checks[2] + 1:])
 
 
