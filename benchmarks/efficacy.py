@@ -81,7 +81,7 @@ def main(argv=None) -> dict:
     grid_outputs = {}  # method -> its erase of seven at the first seed, for the grid
     with tempfile.TemporaryDirectory() as workdir:
         workdir = Path(workdir)
-        for method in args.methods.split(","):
+        for method in [m for m in args.methods.split(",") if m]:  # '' for none: --multi alone
             runs = results["methods"][method] = []
             for seed in erase_seeds:
                 for digit in digits:

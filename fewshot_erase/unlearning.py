@@ -8,7 +8,8 @@ producing conditioning that lets the UNet reconstruct the concept:
 
 Two additions, each optional: a retain term that holds the conditioning of kept concepts at the original encoder's
 (preservation), and a pull toward an anchor concept instead of the push away (steering). `--until gone` stops on
-evidence (stopping.py). Read top to bottom: select the weights, encode the pictures once, then `run`.
+evidence (stopping.py); several concepts take turns (`next_concept`). Read top to bottom: select the weights, encode
+the pictures once, then `run`.
 """
 
 from __future__ import annotations
@@ -297,12 +298,13 @@ def check_finite(trained: dict, settings: EraseSettings) -> None:
         raise RunFailure(f"the weights became inf or nan at the last step; lower --lr (now {settings.lr}) or use --dtype float32")
 
 
-def next_concept(active: list[int], taken: list[int], share: int, seen: list[float]) -> int:
-    """With --until, one concept at a time, until the check finds it gone: first the one whose captions helped its
-    pictures least before the erase (the check sees it least, and erasing the others drags their captions toward it:
-    zero+six+nine's nine), then the next; one that has had its share of the steps without going waits for the rest.
-    Taking turns instead left erased prompts held where they drew a concept still being erased (docs/stopping-rule.md)."""
-    return min(active, key=lambda i: (taken[i] >= share, seen[i], i))
+def next_concept(active: list[int], taken: list[int], share: int, seen: list[float], step: int) -> int:
+    """Which concept the step erases. Several take turns, but with --until a concept whose captions did not help draw
+    its pictures even before the erase goes first, alone, until the check finds it gone or it has had its share of
+    the steps: the check sees little of it, and erasing the others first drags their captions toward it, where they
+    are held (zero+six+nine's nine: docs/stopping-rule.md#an-unseen-concept-first)."""
+    unseen = [i for i in active if seen[i] <= 0 and taken[i] < share]
+    return min(unseen, key=lambda i: (seen[i], i)) if unseen else active[step % len(active)]
 
 
 def run(parts, targets: list[Target], settings: EraseSettings, before: Snapshot,
@@ -345,7 +347,7 @@ def run(parts, targets: list[Target], settings: EraseSettings, before: Snapshot,
             if repairing:
                 trajectory.append(repair_step(loop, next(retained) if retained else [], held_rows(held, step)))
             else:
-                index = next_concept(active, taken, share, seen) if settings.until else active[step % len(active)]
+                index = next_concept(active, taken, share, seen, step) if settings.until else active[step % len(active)]
                 taken[index] += 1
                 target, picked = targets[index], next(streams[index])
                 templates = [captions_rng.choice(target.drawn) for _ in picked]

@@ -115,7 +115,7 @@ def test_a_two_concept_manifest_erases_both_in_one_run(base, tmp_path):
     manifest = tmp_path / "concepts.json"
     manifest.write_text(json.dumps([{"concept": "five", "images": str(SAMPLES / "five")},
                                     {"concept": "seven", "images": str(SAMPLES / "seven")}]))
-    # the demo's defaults: one concept at a time until it is gone, the least seen first
+    # the demo's defaults: each concept takes turns until it is gone, then leaves the rotation
     result = run_cli("erase", "--manifest", manifest, "-o", tmp_path / "erased")
     assert result.exit_code == 0, result.output
     record = json.loads((tmp_path / "erased" / "erase.json").read_text())
