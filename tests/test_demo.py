@@ -201,3 +201,20 @@ def test_five_is_erased_from_six_scans_that_never_shipped_and_with_two_in_one_ru
         assert judged(pipe, prompt_for("word", 5), 5, SEEDS, generation) <= 0.1, name
         kept = [d for d in range(10) if d not in (2, 5)]
         assert min(judged(pipe, prompt_for("word", d), d, SEEDS, generation) for d in kept) >= 0.85, name
+
+
+def test_zero_six_and_nine_erased_together_nine_first_because_its_check_cannot_see_it(base, tmp_path):
+    """Taking turns, zero and six were held while their prompts drew nines and nine ended drawn 80%: nine, whose
+    captions did not help its pictures even before the erase, now goes first and alone (docs/stopping-rule.md)."""
+    parts, generation, table = base
+    output = tmp_path / "erased"
+    result = run_cli("erase", *[a for d in ("zero", "six", "nine") for a in ("--concept", f"{d}={SAMPLES / d}")], "-o", output)
+    assert result.exit_code == 0, result.output
+    record = json.loads((output / "erase.json").read_text())
+    ascents = [entry["concept"] for entry in record["trajectory"] if "loss" in entry]
+    first_held = next(i for i, entry in enumerate(record["trajectory"]) if entry.get("held"))
+    assert set(ascents[:first_held + 1]) == {"nine"} and record["trajectory"][first_held]["held"] == ["nine"]
+    pipe = erased_pipeline(parts, output)
+    for digit in (0, 6, 9):
+        assert judged(pipe, prompt_for("word", digit), digit, SEEDS, generation) <= 0.1, DIGIT_WORDS[digit]
+    assert min(judged(pipe, prompt_for("word", d), d, SEEDS, generation) for d in range(10) if d not in (0, 6, 9)) >= 0.85
