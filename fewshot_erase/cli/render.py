@@ -94,6 +94,7 @@ def exit_interrupted() -> None:
     with contextlib.suppress(ValueError):  # off the main thread there is no handler to change
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     stderr.print("[red]interrupted:[/] stopped; nothing was written", soft_wrap=True)
+    stderr.quiet = True  # the progress bar's refresh thread draws no frame after that line (seen on a loaded machine)
     sys.stdout.flush()
     sys.stderr.flush()
     atexit._run_exitfuncs()  # what libraries left for the exit: torch 2.6 removes a temporary folder of its own there
