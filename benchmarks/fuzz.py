@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def round_command(seed: int, pattern: str | None) -> list[str]:
-    command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", f"--hypothesis-seed={seed}",
+    command = [sys.executable, "-m", "pytest", "-q", "-x", "-n", "0", "-p", "no:cacheprovider", f"--hypothesis-seed={seed}",
                str(REPO / "tests" / "test_fuzz.py")]
     return command + (["-k", pattern] if pattern else [])
 
