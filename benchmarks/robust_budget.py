@@ -4,8 +4,8 @@ steps, its step size, its starts on each half.
     python -m benchmarks.robust_budget                                  # as it ships: every digit, erase seed 0
     python -m benchmarks.robust_budget --rounds 1 --attack-steps 32 --step-share 0.6 -o /tmp/budget.json
 
-Each digit is erased twice from its shipped pictures, by default and with `--robust` (the constants patched for
-the erase only), one thread, and the robust erase is audited with the soft prompt at the audit's defaults (judged
+After one untimed erase (the first also pays for the first load), each digit is erased twice from its shipped
+pictures, by default and with `--robust` (the constants patched for the erase only), one thread, and the robust erase is audited with the soft prompt at the audit's defaults (judged
 on the demo), as benchmarks.descent_ascent does. Reported: both erases' seconds (the API call) and their ratio,
 steps, rounds, the soft prompt's recovery and judged success.
 """
