@@ -14,6 +14,7 @@ already has), so each family's own conditioning path, and its pipeline at genera
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import functools
 import itertools
@@ -171,8 +172,13 @@ def word_tokens(tokenizer) -> torch.Tensor:
     if tokenizer not in _WORDS:
         vocabulary = tokenizer.get_vocab()
         words = [token[:-4] for token in vocabulary if token.endswith("</w>") and token[:-4].isascii() and token[:-4].isalnum()]
-        read = tokenizer(words, add_special_tokens=False).input_ids
-        _WORDS[tokenizer] = torch.tensor(sorted(vocabulary[w + "</w>"] for w, ids in zip(words, read)
+        # one text of them all, each token traced to its word by its offset: a fourth of the time of one call per word
+        read = tokenizer(" ".join(words), add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        starts = list(itertools.accumulate((len(w) + 1 for w in words[:-1]), initial=0))
+        ids_of = [[] for _ in words]
+        for token, (start, _) in zip(read.input_ids, read.offset_mapping):
+            ids_of[bisect.bisect_right(starts, start) - 1].append(token)
+        _WORDS[tokenizer] = torch.tensor(sorted(vocabulary[w + "</w>"] for w, ids in zip(words, ids_of)
                                                 if ids == [vocabulary[w + "</w>"]]))
     return _WORDS[tokenizer]
 

@@ -75,6 +75,17 @@ def test_the_hard_prompt_is_printed_and_tokenizes_back_to_the_ids_found(seven):
     assert len(hard["token_ids"]) == 3 and f"the hard prompt: {hard['prompt']!r}" in result.stdout
 
 
+def test_the_hard_prompts_words_are_the_whole_words_that_tokenize_alone_to_themselves():
+    from fewshot_erase.attacks import word_tokens
+
+    tokenizer = load_tokenizer()
+    vocabulary = tokenizer.get_vocab()
+    candidates = [t[:-4] for t in vocabulary if t.endswith("</w>") and t[:-4].isascii() and t[:-4].isalnum()]
+    alone = tokenizer(candidates, add_special_tokens=False).input_ids  # each word tokenized by itself
+    expected = sorted(vocabulary[w + "</w>"] for w, ids in zip(candidates, alone) if ids == [vocabulary[w + "</w>"]])
+    assert word_tokens(tokenizer).tolist() == expected and len(expected) < len(candidates)
+
+
 def test_every_attack_runs_through_both_of_sdxls_text_encoders(erased):
     tiny, output = erased("sdxl")
     record = audit(output, budget=2, device="cpu").record
