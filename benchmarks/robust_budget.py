@@ -5,21 +5,21 @@ steps, its step size, its starts on each half.
     python -m benchmarks.robust_budget --rounds 1 --attack-steps 32 --step-share 0.6 -o /tmp/budget.json
 
 After one untimed erase (the first also pays for the first load), each digit is erased twice from its shipped
-pictures, by default and with `--robust` (the constants patched for the erase only), one thread, and the robust erase is audited with the soft prompt at the audit's defaults (judged
-on the demo), as benchmarks.descent_ascent does. Reported: both erases' seconds (the API call) and their ratio,
-steps, rounds, the soft prompt's recovery and judged success.
+pictures, by default and with `--robust` (the constants patched for the erase only), one thread, and the robust
+erase is audited with the soft prompt at the audit's defaults (judged on the demo), as benchmarks.descent_ascent
+does. Reported: both erases' seconds (the API call) and their ratio, steps, rounds, the soft prompt's recovery and
+judged success.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import time
 from pathlib import Path
 from unittest import mock
 
 from benchmarks.descent_ascent import audited_robust_erase, each_run, saved
-from demo.measure import SAMPLES
+from benchmarks.overhead import timed_erase
 
 
 def constants(args) -> contextlib.ExitStack:
@@ -34,16 +34,11 @@ def constants(args) -> contextlib.ExitStack:
 
 
 def measured(word: str, seed: int, args, output: Path) -> dict:
-    from fewshot_erase.api import erase_concepts
-    from fewshot_erase.concepts import ConceptSpec
-
     output.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    default = erase_concepts([ConceptSpec(word, (str(SAMPLES / word),))], output / "default", device="cpu", seed=seed)
-    default_seconds = time.perf_counter() - started
+    default_seconds, default_steps, _ = timed_erase(word, {"seed": seed}, output / "default")
     report, result = audited_robust_erase(word, seed, output / "robust", constants(args))
     rounds = result.record.get("robust_rounds", [])
-    return {**report, "default_seconds": default_seconds, "default_steps": default.record["steps"],
+    return {**report, "default_seconds": default_seconds, "default_steps": default_steps,
             "ratio": report["erase_seconds"] / default_seconds, "rounds": max((r["round"] for r in rounds), default=0)}
 
 
@@ -53,12 +48,9 @@ def warm_up() -> None:
 
     import torch
 
-    from fewshot_erase.api import erase_concepts
-    from fewshot_erase.concepts import ConceptSpec
-
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as folder:
-        erase_concepts([ConceptSpec("zero", (str(SAMPLES / "zero"),))], Path(folder) / "out", device="cpu", seed=0)
+        timed_erase("zero", {"seed": 0}, Path(folder) / "out")
 
 
 def main(argv=None) -> dict:
