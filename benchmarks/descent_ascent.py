@@ -11,11 +11,14 @@ of every prefix on all the concept's pictures, descending the denoising loss the
 - `until-gone`: the erase runs on until the stopping rule finds the plain and the prefixed captions gone (the worse
   of them, as `--robust` checks), at most its usual cap;
 - `fixed`: `--fixed` such steps, then the plain erase again until its own captions are gone;
+- `free-until-gone`, `free-fixed`: the same, each prefix stepped on the gradient the erase step's own backward
+  left it (the rows whose drawn caption holds it), with no UNet call of its own;
 - `shipped`: `--robust` as it is (hardening.run), measured the same way, for comparison.
 
 Each erase is then audited with the soft prompt at the audit's defaults (judged on the demo), the way
 `benchmarks.efficacy --audit` audits `--robust`. Reported per digit: steps, prefix steps, erase seconds (the API
-call, one thread), the soft prompt's recovery and judged success, the plain captions' judged success.
+call, one thread) beside a default erase's of the same digit, the soft prompt's recovery and judged success, the
+plain captions' judged success.
 """
 
 from __future__ import annotations
@@ -30,11 +33,14 @@ import time
 from pathlib import Path
 from unittest import mock
 
+from benchmarks.overhead import timed_erase
 from demo.measure import SAMPLES
 
 
-def descent_ascent(prefixes: int, fixed: int | None, counted: dict):
-    """A replacement for hardening.run with the same signature: the plain erase, then prefixes learned alongside."""
+def descent_ascent(prefixes: int, fixed: int | None, counted: dict, free: bool = False, batch: int | None = None):
+    """A replacement for hardening.run with the same signature: the plain erase, then prefixes learned alongside
+    (`free`: from the erase steps' own gradients, no UNet call of their own), `batch` pictures a step (None: as the
+    plain erase)."""
     import torch
 
     from fewshot_erase import attacks, unlearning
@@ -62,15 +68,23 @@ def descent_ascent(prefixes: int, fixed: int | None, counted: dict):
 
             def with_prefix_step(step, loss):
                 on_step(step, loss)
-                rows = attacks.fitting_rows(fitted.fit_latents, scheduler, noise)
-                # autograd.grad, not backward: the encoder's weights step inside backward (stepping_in_backward)
-                gradients = torch.autograd.grad(fitted.loss(captions, rows), learnable)
-                for vector, gradient in zip(learnable, gradients):
-                    vector.grad = gradient
+                if free:  # the erase step's own backward left the gradient of its ascent objective, -loss
+                    if all(vector.grad is None for vector in learnable):
+                        return
+                    for vector in learnable:
+                        vector.grad = None if vector.grad is None else -vector.grad
+                else:
+                    rows = attacks.fitting_rows(fitted.fit_latents, scheduler, noise)
+                    # autograd.grad, not backward: the encoder's weights step inside backward (stepping_in_backward)
+                    gradients = torch.autograd.grad(fitted.loss(captions, rows), learnable)
+                    for vector, gradient in zip(learnable, gradients):
+                        vector.grad = gradient
                 optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
                 counted["prefix_steps"] = counted.get("prefix_steps", 0) + 1
 
             phase = settings.replace(until=None, steps=fixed) if fixed else settings
+            phase = phase.replace(batch_size=batch) if batch else phase
             result = unlearning.run(parts, targets, phase, before, with_prefix_step, hold_empty=True)
             trajectory += result.trajectory
             losses += result.losses
@@ -132,14 +146,18 @@ def audited_robust_erase(word: str, seed: int, output: Path, patched=contextlib.
             "plain_judged": record["erased_captions"]["judged_success"]}, result
 
 
-def measured(word: str, seed: int, variant: str, prefixes: int, fixed: int, output: Path) -> dict:
+def measured(word: str, seed: int, variant: str, prefixes: int, fixed: int, output: Path, batch: int | None = None) -> dict:
     from fewshot_erase import hardening
 
     counted: dict = {}
-    replacement = descent_ascent(prefixes, fixed if variant == "fixed" else None, counted)
+    replacement = descent_ascent(prefixes, fixed if variant.endswith("fixed") else None, counted, variant.startswith("free"),
+                                 batch)
     patched = mock.patch.object(hardening, "run", replacement) if variant != "shipped" else contextlib.nullcontext()
-    report, _ = audited_robust_erase(word, seed, output, patched)
-    return {**report, "variant": variant, "prefix_steps": counted.get("prefix_steps", 0)}
+    output.mkdir(parents=True, exist_ok=True)
+    default_seconds, _, _ = timed_erase(word, {"seed": seed}, output / "default")
+    report, _ = audited_robust_erase(word, seed, output / "robust", patched)
+    return {**report, "variant": variant, "prefix_steps": counted.get("prefix_steps", 0),
+            "default_seconds": default_seconds}
 
 
 def saved(args, summary: dict, runs: list[dict]) -> dict:
@@ -177,12 +195,17 @@ def main(argv=None) -> dict:
     parser.add_argument("--variants", default="until-gone,fixed,shipped")
     parser.add_argument("--prefixes", type=int, default=2, help="soft prompts learned alongside, per concept")
     parser.add_argument("--fixed", type=int, default=32, help="the fixed variant's steps with prefixes")
+    parser.add_argument("--batch", type=int, help="pictures a step while the prefixes learn (default: as the erase)")
     parser.add_argument("-o", "--output", default="benchmarks/results/descent_ascent.json")
     args = parser.parse_args(argv)
 
+    from benchmarks.robust_budget import warm_up
+
+    warm_up()
     runs = [run for variant in args.variants.split(",")
             for run in each_run(args.digits, args.seeds,
-                                lambda word, seed, folder: measured(word, seed, variant, args.prefixes, args.fixed, folder))]
+                                lambda word, seed, folder: measured(word, seed, variant, args.prefixes, args.fixed,
+                                                                    folder, args.batch))]
     summary = {variant: {"soft_judged_mean": sum(r["soft_judged"] for r in rows) / len(rows),
                          "erase_seconds_mean": sum(r["erase_seconds"] for r in rows) / len(rows),
                          "steps_mean": sum(r["steps"] for r in rows) / len(rows)}
