@@ -37,13 +37,16 @@ from benchmarks.overhead import timed_erase
 from demo.measure import SAMPLES
 
 
-def descent_ascent(prefixes: int, fixed: int | None, counted: dict, free: bool = False, batch: int | None = None):
+def descent_ascent(prefixes: int, fixed: int | None, counted: dict, free: bool = False, batch: int | None = None,
+                   warm: tuple[int, float] | None = None):
     """A replacement for hardening.run with the same signature: the plain erase, then prefixes learned alongside
     (`free`: from the erase steps' own gradients, no UNet call of their own), `batch` pictures a step (None: as the
-    plain erase)."""
+    plain erase); `warm` (steps, step share): each prefix first fitted alone for that many steps on one half of the
+    pictures, as --robust's in-loop attacks are."""
     import torch
 
     from fewshot_erase import attacks, unlearning
+    from fewshot_erase.audit import split
     from fewshot_erase.denoising import training_scheduler
 
     def run(parts, targets, settings, before, on_step=lambda step, loss: None):
@@ -57,8 +60,21 @@ def descent_ascent(prefixes: int, fixed: int | None, counted: dict, free: bool =
             return {name: attacks.near_mean(table[setup.words], attacks.SOFT_TOKENS, start).requires_grad_(True)
                     for name, table in setup.tables.items()}
 
+        def warmed(setup, k):
+            if k == 0:  # every prefix of the concept fitted at once, prefix k on half k % 2 (the audit's first)
+                for name in parts.family.encoders:
+                    parts.text_encoder(name).requires_grad_(False)  # the next erase run takes them up again
+                halves = split(len(setup.fit_latents))
+                setups = [dataclasses.replace(setup, fit_latents=setup.fit_latents[halves[j % 2]], seed=settings.seed + 1 + j)
+                          for j in range(prefixes)]
+                with mock.patch.object(attacks, "STEP_SHARE", warm[1]):
+                    fits[:] = attacks.soft_attacks(setups, warm[0])
+                counted["warm_steps"] = counted.get("warm_steps", 0) + warm[0]
+            return {name: vector.clone().requires_grad_(True) for name, vector in fits[k].vectors.items()}
+
+        fits: list = []
         with contextlib.ExitStack() as learned:
-            targets, groups = with_prefixes(parts, targets, settings, prefixes, learned, started)
+            targets, groups = with_prefixes(parts, targets, settings, prefixes, learned, warmed if warm else started)
             learnable = [v for _, _, vectors in groups for v in vectors.values()]
             # each encoder's vectors at its own step size, as attacks.fit_embeddings sets them
             optimizer = torch.optim.Adam([{"params": [vector], "lr": attacks.step_size(setup.tables[name])}
@@ -146,12 +162,13 @@ def audited_robust_erase(word: str, seed: int, output: Path, patched=contextlib.
             "plain_judged": record["erased_captions"]["judged_success"]}, result
 
 
-def measured(word: str, seed: int, variant: str, prefixes: int, fixed: int, output: Path, batch: int | None = None) -> dict:
+def measured(word: str, seed: int, variant: str, prefixes: int, fixed: int, output: Path, batch: int | None = None,
+             warm: tuple[int, float] | None = None) -> dict:
     from fewshot_erase import hardening
 
     counted: dict = {}
     replacement = descent_ascent(prefixes, fixed if variant.endswith("fixed") else None, counted, variant.startswith("free"),
-                                 batch)
+                                 batch, warm)
     patched = mock.patch.object(hardening, "run", replacement) if variant != "shipped" else contextlib.nullcontext()
     output.mkdir(parents=True, exist_ok=True)
     default_seconds, _, _ = timed_erase(word, {"seed": seed}, output / "default")
@@ -196,6 +213,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--prefixes", type=int, default=2, help="soft prompts learned alongside, per concept")
     parser.add_argument("--fixed", type=int, default=32, help="the fixed variant's steps with prefixes")
     parser.add_argument("--batch", type=int, help="pictures a step while the prefixes learn (default: as the erase)")
+    parser.add_argument("--warm-steps", type=int, help="each prefix first fitted alone for this many steps")
+    parser.add_argument("--warm-share", type=float, default=1.0, help="attacks.STEP_SHARE for that fit")
     parser.add_argument("-o", "--output", default="benchmarks/results/descent_ascent.json")
     args = parser.parse_args(argv)
 
@@ -205,7 +224,8 @@ def main(argv=None) -> dict:
     runs = [run for variant in args.variants.split(",")
             for run in each_run(args.digits, args.seeds,
                                 lambda word, seed, folder: measured(word, seed, variant, args.prefixes, args.fixed,
-                                                                    folder, args.batch))]
+                                                                    folder, args.batch,
+                                                                    (args.warm_steps, args.warm_share) if args.warm_steps else None))]
     summary = {variant: {"soft_judged_mean": sum(r["soft_judged"] for r in rows) / len(rows),
                          "erase_seconds_mean": sum(r["erase_seconds"] for r in rows) / len(rows),
                          "steps_mean": sum(r["steps"] for r in rows) / len(rows)}
