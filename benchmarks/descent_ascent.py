@@ -65,8 +65,8 @@ def descent_ascent(prefixes: int, fixed: int | None, counted: dict, free: bool =
                 for name in parts.family.encoders:
                     parts.text_encoder(name).requires_grad_(False)  # the next erase run takes them up again
                 halves = split(len(setup.fit_latents))
-                setups = [dataclasses.replace(setup, fit_latents=setup.fit_latents[halves[j % 2]], seed=settings.seed + 1 + j)
-                          for j in range(prefixes)]
+                setups = [dataclasses.replace(setup, fit_latents=setup.fit_latents[halves[j % 2]],
+                                              seed=settings.seed + 1 + j) for j in range(prefixes)]
                 with mock.patch.object(attacks, "STEP_SHARE", warm[1]):
                     fits[:] = attacks.soft_attacks(setups, warm[0])
                 counted["warm_steps"] = counted.get("warm_steps", 0) + warm[0]
@@ -167,8 +167,8 @@ def measured(word: str, seed: int, variant: str, prefixes: int, fixed: int, outp
     from fewshot_erase import hardening
 
     counted: dict = {}
-    replacement = descent_ascent(prefixes, fixed if variant.endswith("fixed") else None, counted, variant.startswith("free"),
-                                 batch, warm)
+    replacement = descent_ascent(prefixes, fixed if variant.endswith("fixed") else None, counted,
+                                 variant.startswith("free"), batch, warm)
     patched = mock.patch.object(hardening, "run", replacement) if variant != "shipped" else contextlib.nullcontext()
     output.mkdir(parents=True, exist_ok=True)
     default_seconds, _, _ = timed_erase(word, {"seed": seed}, output / "default")
@@ -221,11 +221,11 @@ def main(argv=None) -> dict:
     from benchmarks.robust_budget import warm_up
 
     warm_up()
+    warm = (args.warm_steps, args.warm_share) if args.warm_steps else None
     runs = [run for variant in args.variants.split(",")
             for run in each_run(args.digits, args.seeds,
                                 lambda word, seed, folder: measured(word, seed, variant, args.prefixes, args.fixed,
-                                                                    folder, args.batch,
-                                                                    (args.warm_steps, args.warm_share) if args.warm_steps else None))]
+                                                                    folder, args.batch, warm))]
     summary = {variant: {"soft_judged_mean": sum(r["soft_judged"] for r in rows) / len(rows),
                          "erase_seconds_mean": sum(r["erase_seconds"] for r in rows) / len(rows),
                          "steps_mean": sum(r["steps"] for r in rows) / len(rows)}
