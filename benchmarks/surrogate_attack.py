@@ -52,7 +52,7 @@ def matching(steps: int, per_step: int, refine: int, timings: dict):
             for name, state in now.items():
                 parts.text_encoder(name).load_state_dict(state)
 
-    def attack(parts, ways, seed, reserved):
+    def attack(parts, ways, seed, reserved, on_step=lambda step: None):
         started = time.perf_counter()
         for name in parts.family.encoders:
             parts.text_encoder(name).requires_grad_(False)
@@ -80,6 +80,7 @@ def matching(steps: int, per_step: int, refine: int, timings: dict):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            on_step(step)
         learned = [{name: v.detach()[attacks.SOFT_TOKENS * k:attacks.SOFT_TOKENS * (k + 1)] for name, v in vectors.items()}
                    for k in range(len(groups))]
         if refine:  # then the audit's own objective from there, for a few steps
@@ -95,11 +96,12 @@ def matching(steps: int, per_step: int, refine: int, timings: dict):
             shares.append((half, found, recovery(half.references["empty"], half.references["original"], attacked) or 0.0))
         return shares
 
-    def run(parts, targets, settings, before, on_step=lambda step, loss: None):
+    def run(parts, targets, settings, before, on_step=lambda step, loss: None,
+            on_attack=lambda round_number, step: None):
         originals.clear()
         originals.update({name: {k: v.detach().clone() for k, v in parts.text_encoder(name).state_dict().items()}
                           for name in parts.family.encoders})
-        return shipped(parts, targets, settings, before, on_step)
+        return shipped(parts, targets, settings, before, on_step, on_attack)
 
     return run, attack
 

@@ -54,14 +54,15 @@ def halves(parts, target, settings) -> list[Half]:
     return made
 
 
-def attack(parts, ways: list[Half], seed: int, reserved: tuple[int, ...]) -> list[tuple[Half, object, float]]:
+def attack(parts, ways: list[Half], seed: int, reserved: tuple[int, ...],
+           on_step=lambda step: None) -> list[tuple[Half, object, float]]:
     """STARTS fresh soft prompts fitted on each half's pictures against the patched encoder (its weights held still:
     the next erase run takes them up again), each with the share of the concept it brings back on the other half."""
     for name in parts.family.encoders:
         parts.text_encoder(name).requires_grad_(False)
     tried = [half for half in ways for _ in range(STARTS)]
     setups = [dataclasses.replace(half.scoring.patched, seed=seed + k, reserved=reserved) for k, half in enumerate(tried)]
-    found = attacks.soft_attacks(setups, ATTACK_STEPS)
+    found = attacks.soft_attacks(setups, ATTACK_STEPS, on_step)
     def brought_back(half: Half, f) -> float:  # None: the original captions never helped there, nothing to bring back
         attacked = half.scoring.loss(half.scoring.patched, f.captions, f)
         return recovery(half.references["empty"], half.references["original"], attacked) or 0.0
@@ -75,8 +76,10 @@ def prefixed(parts, target, found) -> tuple[str, ...]:
     return tuple(f"{words} {template}" for template in target.templates)
 
 
-def run(parts, targets, settings, before, on_step=lambda step, loss: None) -> unlearning.LoopResult:
-    """The plain erase, then rounds of attack and erase until every attack of a round fails."""
+def run(parts, targets, settings, before, on_step=lambda step, loss: None,
+        on_attack=lambda round_number, step: None) -> unlearning.LoopResult:
+    """The plain erase, then rounds of attack and erase until every attack of a round fails. `on_attack` after each
+    step of a round's attacks (about two erase steps' time each, with no erase step to show for it)."""
     targets = list(targets)  # the caller's stay as they were: the report after the run reads their plain captions
     splits = {i: halves(parts, t, settings) for i, t in enumerate(targets) if not t.anchor}
     result = unlearning.run(parts, targets, settings, before, on_step, hold_empty=True)
@@ -86,7 +89,9 @@ def run(parts, targets, settings, before, on_step=lambda step, loss: None) -> un
         for round_index in range(ROUNDS):
             hardened = False
             for i, ways in splits.items():
-                for half, found, share in attack(parts, ways, settings.seed + 1 + 2 * STARTS * round_index, reserved):
+                fitted = attack(parts, ways, settings.seed + 1 + 2 * STARTS * round_index, reserved,
+                                lambda step: on_attack(round_index + 1, step + 1))
+                for half, found, share in fitted:
                     rounds.append({"round": round_index + 1, "concept": targets[i].concept, "fitted": half.name,
                                    "recovered": share})
                     if share < HOLDS:

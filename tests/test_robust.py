@@ -46,6 +46,30 @@ def test_the_rounds_erase_the_attacks_captions_and_only_the_feed_forward_weights
         assert changed and all(is_trained(key, "ffn", layers) for key in changed), name
 
 
+def test_the_erasing_bar_shows_each_step_of_a_rounds_attacks(tiny_model, pictures, tmp_path, monkeypatch):
+    """A round's attacks take no erase step (on the demo 7 s a round, seven times the default erase): while they
+    fit, the bar shows their steps instead of standing still."""
+    import contextlib
+
+    from fewshot_erase import erase
+    from fewshot_erase.api import Progress
+
+    monkeypatch.setattr(hardening, "ROUNDS", 1)
+    monkeypatch.setattr(hardening, "ATTACK_STEPS", 2)
+    monkeypatch.setattr(hardening, "SCORE_REPEATS", 2)
+    notes = []
+
+    class Recording(Progress):
+        @contextlib.contextmanager
+        def phase(self, name, total=None):
+            yield lambda count=1, note=None, **info: notes.append((name, count, note)) if note else None
+
+    erase("tiny robot", [pictures], tmp_path / "out", model=str(tiny_model("sd1").folder), steps=2, lr=1e-3,
+          robust=True, progress=Recording())
+    assert [n for n in notes if "attacking" in n[2]] == [("erasing", 0, "round 1: attacking the erase, step 1/2"),
+                                                          ("erasing", 0, "round 1: attacking the erase, step 2/2")]
+
+
 @pytest.fixture(scope="module")
 def erases(tmp_path_factory):
     """The default erase of "one" (the soft prompt brings it back at the audit's defaults), and the same with
