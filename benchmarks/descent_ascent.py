@@ -50,7 +50,7 @@ def descent_ascent(prefixes: int, fixed: int | None, counted: dict, free: bool =
     from fewshot_erase.denoising import training_scheduler
 
     def run(parts, targets, settings, before, on_step=lambda step, loss: None,
-            on_attack=lambda round_number, step: None):  # no rounds of attacks: nothing calls on_attack
+            on_attack=lambda round_number, concept, step: None):  # no rounds of attacks: nothing calls on_attack
         targets = list(targets)
         result = unlearning.run(parts, targets, settings, before, on_step, hold_empty=True)
         trajectory, losses = list(result.trajectory), list(result.losses)

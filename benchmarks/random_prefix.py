@@ -27,7 +27,7 @@ def random_prefixes(prefixes: int, spread: float):
     from fewshot_erase import attacks, unlearning
 
     def run(parts, targets, settings, before, on_step=lambda step, loss: None,
-            on_attack=lambda round_number, step: None):  # no attacks: nothing calls on_attack
+            on_attack=lambda round_number, concept, step: None):  # no attacks: nothing calls on_attack
         targets = list(targets)
         result = unlearning.run(parts, targets, settings, before, on_step, hold_empty=True)
         trajectory, losses = list(result.trajectory), list(result.losses)

@@ -97,7 +97,7 @@ def matching(steps: int, per_step: int, refine: int, timings: dict):
         return shares
 
     def run(parts, targets, settings, before, on_step=lambda step, loss: None,
-            on_attack=lambda round_number, step: None):
+            on_attack=lambda round_number, concept, step: None):
         originals.clear()
         originals.update({name: {k: v.detach().clone() for k, v in parts.text_encoder(name).state_dict().items()}
                           for name in parts.family.encoders})

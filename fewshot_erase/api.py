@@ -296,8 +296,8 @@ def _erase_between_snapshots(parts, targets, watched, run_settings, progress, ti
     steps = run_settings.steps or sum(run_settings.step_count(t.image_count) for t in targets)
     clock = time.perf_counter()
     with progress.phase("erasing", total=steps) as advance:
-        def attacking(round_number, step):  # --robust's attacks take no erase step: the bar says what runs meanwhile
-            advance(0, note=f"round {round_number}: attacking the erase, step {step}/{hardening.ATTACK_STEPS}")
+        def attacking(round_number, concept, step):  # --robust's attacks take no erase step: the bar says so
+            advance(0, note=f"round {round_number}: attacking {concept!r}, step {step}/{hardening.ATTACK_STEPS}")
 
         hooks = {"on_attack": attacking} if run_settings.robust else {}
         result = method.run(parts, targets, run_settings, before, lambda step, loss: advance(loss=loss), **hooks)

@@ -77,7 +77,7 @@ def prefixed(parts, target, found) -> tuple[str, ...]:
 
 
 def run(parts, targets, settings, before, on_step=lambda step, loss: None,
-        on_attack=lambda round_number, step: None) -> unlearning.LoopResult:
+        on_attack=lambda round_number, concept, step: None) -> unlearning.LoopResult:
     """The plain erase, then rounds of attack and erase until every attack of a round fails. `on_attack` after each
     step of a round's attacks (about two erase steps' time each, with no erase step to show for it)."""
     targets = list(targets)  # the caller's stay as they were: the report after the run reads their plain captions
@@ -90,7 +90,7 @@ def run(parts, targets, settings, before, on_step=lambda step, loss: None,
             hardened = False
             for i, ways in splits.items():
                 fitted = attack(parts, ways, settings.seed + 1 + 2 * STARTS * round_index, reserved,
-                                lambda step: on_attack(round_index + 1, step + 1))
+                                lambda step: on_attack(round_index + 1, targets[i].concept, step + 1))
                 for half, found, share in fitted:
                     rounds.append({"round": round_index + 1, "concept": targets[i].concept, "fitted": half.name,
                                    "recovered": share})

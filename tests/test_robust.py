@@ -66,8 +66,8 @@ def test_the_erasing_bar_shows_each_step_of_a_rounds_attacks(tiny_model, picture
 
     erase("tiny robot", [pictures], tmp_path / "out", model=str(tiny_model("sd1").folder), steps=2, lr=1e-3,
           robust=True, progress=Recording())
-    assert [n for n in notes if "attacking" in n[2]] == [("erasing", 0, "round 1: attacking the erase, step 1/2"),
-                                                          ("erasing", 0, "round 1: attacking the erase, step 2/2")]
+    assert [n for n in notes if "attacking" in n[2]] == [("erasing", 0, "round 1: attacking 'tiny robot', step 1/2"),
+                                                          ("erasing", 0, "round 1: attacking 'tiny robot', step 2/2")]
 
 
 @pytest.fixture(scope="module")
