@@ -36,6 +36,8 @@ from unittest import mock
 from benchmarks.overhead import timed_erase
 from demo.measure import SAMPLES
 
+VARIANTS = ("until-gone", "fixed", "free-until-gone", "free-fixed", "shipped")
+
 
 def descent_ascent(prefixes: int, fixed: int | None, counted: dict, free: bool = False, batch: int | None = None,
                    warm: tuple[int, float] | None = None):
@@ -215,9 +217,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--fixed", type=int, default=32, help="the fixed variant's steps with prefixes")
     parser.add_argument("--batch", type=int, help="pictures a step while the prefixes learn (default: as the erase)")
     parser.add_argument("--warm-steps", type=int, help="each prefix first fitted alone for this many steps")
-    parser.add_argument("--warm-share", type=float, default=1.0, help="attacks.STEP_SHARE for that fit")
+    parser.add_argument("--warm-share", type=float, default=1.0,
+                        help="attacks.STEP_SHARE for that fit (as shipped: 0.3)")
     parser.add_argument("-o", "--output", default="benchmarks/results/descent_ascent.json")
     args = parser.parse_args(argv)
+    unknown = set(args.variants.split(",")) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown variants {', '.join(sorted(unknown))}; choose from {', '.join(VARIANTS)}")
 
     from benchmarks.robust_budget import warm_up
 

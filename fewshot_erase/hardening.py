@@ -79,7 +79,7 @@ def prefixed(parts, target, found) -> tuple[str, ...]:
 def run(parts, targets, settings, before, on_step=lambda step, loss: None,
         on_attack=lambda round_number, concept, step: None) -> unlearning.LoopResult:
     """The plain erase, then rounds of attack and erase until every attack of a round fails. `on_attack` after each
-    step of a round's attacks (about two erase steps' time each, with no erase step to show for it)."""
+    step of a round's attacks, which take no erase step."""
     targets = list(targets)  # the caller's stay as they were: the report after the run reads their plain captions
     splits = {i: halves(parts, t, settings) for i, t in enumerate(targets) if not t.anchor}
     result = unlearning.run(parts, targets, settings, before, on_step, hold_empty=True)

@@ -47,8 +47,7 @@ def test_the_rounds_erase_the_attacks_captions_and_only_the_feed_forward_weights
 
 
 def test_the_erasing_bar_shows_each_step_of_a_rounds_attacks(tiny_model, pictures, tmp_path, monkeypatch):
-    """A round's attacks take no erase step (on the demo 7 s a round, seven times the default erase): while they
-    fit, the bar shows their steps instead of standing still."""
+    """A round's attacks take no erase step: while they fit, the bar shows their steps instead of standing still."""
     import contextlib
 
     from fewshot_erase import erase
