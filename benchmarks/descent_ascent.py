@@ -43,8 +43,8 @@ def descent_ascent(prefixes: int, fixed: int | None, counted: dict, free: bool =
                    warm: tuple[int, float] | None = None):
     """A replacement for hardening.run with the same signature: the plain erase, then prefixes learned alongside
     (`free`: from the erase steps' own gradients, no UNet call of their own), `batch` pictures a step (None: as the
-    plain erase); `warm` (steps, step share): each prefix first fitted alone for that many steps on one half of the
-    pictures, as --robust's in-loop attacks are."""
+    plain erase); `warm` (steps, step share): the concept's prefixes first fitted together for that many steps, each
+    on one half of the pictures, as --robust's in-loop attacks are."""
     import torch
 
     from fewshot_erase import attacks, unlearning
@@ -216,7 +216,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--prefixes", type=int, default=2, help="soft prompts learned alongside, per concept")
     parser.add_argument("--fixed", type=int, default=32, help="the fixed variant's steps with prefixes")
     parser.add_argument("--batch", type=int, help="pictures a step while the prefixes learn (default: as the erase)")
-    parser.add_argument("--warm-steps", type=int, help="each prefix first fitted alone for this many steps")
+    parser.add_argument("--warm-steps", type=int, help="the prefixes first fitted for this many steps, each on one half")
     parser.add_argument("--warm-share", type=float, default=1.0,
                         help="attacks.STEP_SHARE for that fit (as shipped: 0.3)")
     parser.add_argument("-o", "--output", default="benchmarks/results/descent_ascent.json")
